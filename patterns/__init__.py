@@ -1,0 +1,1 @@
+"""meshmq.patterns"""
