@@ -1,0 +1,540 @@
+"""The I/O engine: one thread per node that owns the control plane and the receive path.
+
+The thread polls the control ROUTER (peers dial it), one DEALER per address this node dials,
+the SUB socket (messages from every peer's PUB), and a wake-up socket for commands from other
+threads. Handlers never run here: decoded messages go to their runners in batches.
+
+Publishing does not pass through this thread: the XPUB socket is shared with publishing threads
+under ``pub_lock`` (ZeroMQ sockets may change threads behind a full memory barrier, which a lock
+provides). This thread takes the same lock only to read the subscription notices that XPUB
+delivers, which is how ``wait_for_subscribers`` knows a subscriber's filters are in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket as _socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from meshmq import _zmqio as zio
+from meshmq._envelope import CtlKind, decode_ctl, decode_pub, encode_ctl
+from meshmq._errors import DecodeError, ProtocolVersionError
+from meshmq._message import Message
+from meshmq._peers import PeerInfo, parse_offer
+
+if TYPE_CHECKING:
+    from meshmq._node import Node
+
+__all__ = ["Engine", "marker_topic"]
+
+log = logging.getLogger("meshmq")
+
+BURST = 512            # messages taken from SUB per wake-up, handed to runners as one batch
+_MARK = b"\xff"        # subscription-marker topics start with a byte UTF-8 never contains
+_SV = struct.Struct(">I")
+
+
+def marker_topic(node_id: str, version: int) -> bytes:
+    """The topic a subscriber subscribes to after its filters, to show a publisher they are set.
+
+    libzmq sends a SUB's subscriptions in byte order when it connects, so a 0xff-prefixed
+    marker goes after every real filter; later changes are sent in the order they are made.
+    """
+    return _MARK + node_id.encode() + _SV.pack(version & 0xFFFFFFFF)
+
+
+@dataclass
+class _Link:
+    """A connection this node dialled: a DEALER to a peer's control endpoint."""
+
+    address: str
+    sock: zmq.Socket[Any]
+    via_host: str
+    peer_id: str | None = None
+    next_hello: float = 0.0
+    hello_delay: float = 0.005   # backs off to Timing.hello_interval while nobody answers
+
+
+@dataclass
+class _Peer:
+    info: PeerInfo
+    route: tuple[str, Any]          # ("out", address) or ("in", router identity)
+    last_seen: float
+    routes: set[tuple[str, Any]] = field(default_factory=set)
+
+
+class Engine:
+    """Owns the I/O thread. Created and started by :class:`meshmq.Node`."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.timing = node.timing
+        self.cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = _socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.thread = threading.Thread(target=self._main, name=f"meshmq-io-{node.name}",
+                                       daemon=True)
+        self.started = threading.Event()
+        self.stopped = threading.Event()
+        self.error: BaseException | None = None
+        self.address = ""
+        self._stopping = False
+        self._links: dict[str, _Link] = {}
+        self._link_by_sock: dict[zmq.Socket[Any], _Link] = {}
+        self.peers: dict[str, _Peer] = {}        # read by other threads under node.state_lock
+        self.synced: dict[str, int] = {}          # node id -> marker version seen on our XPUB
+        self._route_peer: dict[tuple[str, Any], str] = {}
+        self._prefixes: dict[bytes, int] = {}
+        self._marker: bytes | None = None
+        self.sub_version = 0
+        self._seqs: dict[str, dict[str, int]] = {}
+        # counters written only by this thread
+        self.received = 0
+        self.malformed = 0
+        self.bad_version = 0
+        self.gaps = 0
+        self.gaps_by_sender: dict[str, int] = {}
+        self.peer_joins = 0
+        self.peer_leaves = 0
+
+    # ---- called from other threads -------------------------------------------------------
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the I/O thread soon."""
+        self.cmds.put(fn)
+        try:
+            self._wake_w.send(b"\x00")
+        except (BlockingIOError, OSError):
+            pass  # the buffer is full of wake-ups already, or we are closing
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float) -> None:
+        if self.thread.is_alive():
+            self.call(self._begin_stop)
+            self.thread.join(timeout)
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # ---- the thread --------------------------------------------------------------------------
+    def _main(self) -> None:
+        node = self.node
+        try:
+            self._setup()
+        except BaseException as exc:
+            self.error = exc
+            self.started.set()
+            self._teardown()
+            self.stopped.set()
+            return
+        self.started.set()
+        try:
+            self._loop()
+        except BaseException as exc:  # a crash stops the node and is re-raised from run()
+            log.exception("meshmq I/O thread of node %s crashed", node.name)
+            self.error = exc
+        finally:
+            self._teardown()
+            self.stopped.set()
+            node._engine_exited()
+
+    def _setup(self) -> None:
+        node, t = self.node, self.timing
+        ctx = node.ctx
+        self.router = zio.new_socket(ctx, zmq.ROUTER, linger=t.linger,
+                                     max_bytes=node.max_message_bytes)
+        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        bound = zio.bind(self.router, node.host, node.port)
+        _, port = zio.split_endpoint(bound)
+        self.address = f"tcp://{zio.local_address(node.host)}:{port}"
+        self.ctl_advertised = f"tcp://{node.host}:{port}"
+        self.sub = zio.new_socket(ctx, zmq.SUB, linger=0, max_bytes=node.max_message_bytes,
+                                  hwm=node.hwm)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self.sub, zmq.POLLIN)
+        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._xpub_fd = node.xpub.getsockopt(zmq.FD)
+        self.poller.register(self._xpub_fd, zmq.POLLIN)
+        self._apply_subscriptions()
+        for address in node.initial_peers:
+            self._dial(address)
+
+    def _teardown(self) -> None:
+        for sock in [*(lk.sock for lk in self._links.values()),
+                     getattr(self, "sub", None), getattr(self, "router", None)]:
+            if sock is not None:
+                sock.close()
+        self._links.clear()
+
+    def _loop(self) -> None:
+        t = self.timing
+        poll = self.poller.poll
+        sub, router, wake, xfd = self.sub, self.router, self._wake_r.fileno(), self._xpub_fd
+        next_beat = 0.0
+        next_tick = 0.0
+        while not self._stopping:
+            now = time.monotonic()
+            if now >= next_tick:
+                self._check_xpub()
+                next_tick = now + t.tick
+            if now >= next_beat:
+                self._heartbeat(now)
+                next_beat = now + t.heartbeat_interval / 2
+            next_hello = self._hello(now)
+            timeout = max(0.0, min(next_tick, next_beat, next_hello) - time.monotonic())
+            for sock, _ in poll(int(timeout * 1000) + 1):
+                if sock is sub:
+                    self._on_sub()
+                elif sock is router:
+                    self._on_router()
+                elif sock == wake:
+                    self._on_wake()
+                elif sock == xfd:
+                    self._check_xpub()
+                else:
+                    link = self._link_by_sock.get(sock)
+                    if link is not None:
+                        self._on_link(link)
+
+    def _on_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        while True:
+            try:
+                fn = self.cmds.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    # ---- receive path (hot) ---------------------------------------------------------------
+    def _on_sub(self) -> None:
+        sub = self.sub
+        recv = sub.recv
+        more = zmq.RCVMORE
+        lookup = self.node._route
+        seqs = self._seqs
+        batches: dict[Any, list[Message]] = {}
+        n = 0
+        for _ in range(BURST):
+            try:
+                topic = recv(zio.NOBLOCK)
+            except zmq.Again:
+                break
+            if not sub.getsockopt(more):
+                self.malformed += 1
+                continue
+            payload = recv(zio.NOBLOCK)
+            if sub.getsockopt(more):
+                while sub.getsockopt(more):  # drain a message with too many frames
+                    recv(zio.NOBLOCK)
+                self.malformed += 1
+                continue
+            try:
+                t, mid, source, sid, seq, ts, headers, body = decode_pub(topic, payload)
+            except ProtocolVersionError:
+                self.bad_version += 1
+                self.malformed += 1
+                continue
+            except DecodeError:
+                self.malformed += 1
+                continue
+            n += 1
+            per = seqs.get(sid)
+            if per is None:
+                per = seqs[sid] = {}
+            last = per.get(t)
+            per[t] = seq
+            gap = 0
+            if last is not None and seq > last + 1:
+                gap = seq - last - 1
+                self.gaps += gap
+                self.gaps_by_sender[source] = self.gaps_by_sender.get(source, 0) + gap
+            runners = lookup(t)
+            if runners:
+                msg = Message(t, body, headers, mid, source, sid, seq, ts, gap)
+                for r in runners:
+                    b = batches.get(r)
+                    if b is None:
+                        batches[r] = [msg]
+                    else:
+                        b.append(msg)
+        self.received += n
+        for r, b in batches.items():
+            r.submit(b)
+
+    # ---- subscriptions --------------------------------------------------------------------
+    def _apply_subscriptions(self) -> None:
+        """Make the SUB filters match the node's patterns; bump the marker; tell peers."""
+        wanted: dict[bytes, int] = {}
+        for pattern in self.node._patterns():
+            wanted[self.node._prefix(pattern)] = 1
+        changed = False
+        for prefix in wanted.keys() - self._prefixes.keys():
+            self.sub.setsockopt(zmq.SUBSCRIBE, prefix)
+            changed = True
+        for prefix in self._prefixes.keys() - wanted.keys():
+            self.sub.setsockopt(zmq.UNSUBSCRIBE, prefix)
+            changed = True
+        self._prefixes = wanted
+        if changed or self._marker is None:
+            self.sub_version += 1
+            old, self._marker = self._marker, marker_topic(self.node.id, self.sub_version)
+            self.sub.setsockopt(zmq.SUBSCRIBE, self._marker)
+            if old is not None:
+                self.sub.setsockopt(zmq.UNSUBSCRIBE, old)
+        self._broadcast(CtlKind.UPDATE)
+
+    def subscriptions_changed(self) -> None:
+        self.call(self._apply_subscriptions)
+
+    def offer_changed(self) -> None:
+        self.call(lambda: self._broadcast(CtlKind.UPDATE))
+
+    def _check_xpub(self) -> None:
+        xpub, lock = self.node.xpub, self.node.pub_lock
+        changed = False
+        with lock:
+            while True:
+                try:
+                    note = xpub.recv(zio.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    return
+                # b"\x01" + topic is a subscribe; a marker names the subscriber and its version
+                if note[:2] == b"\x01" + _MARK and len(note) >= 2 + 4:
+                    try:
+                        nid = note[2:-4].decode()
+                    except UnicodeDecodeError:
+                        continue
+                    (version,) = _SV.unpack(note[-4:])
+                    if self.synced.get(nid, -1) < version:
+                        self.synced[nid] = version
+                        changed = True
+        if changed:
+            self.node._state_changed()
+
+    # ---- control plane --------------------------------------------------------------------
+    def offer(self) -> dict[str, Any]:
+        node = self.node
+        return {"name": node.name, "id": node.id, "group": node.group,
+                "ctl": self.ctl_advertised, "pub": node.pub_advertised,
+                "subs": sorted(node._patterns()), "sv": self.sub_version,
+                "workers": sorted(node._offers("worker")),
+                "services": sorted(node._offers("rpc")), "eps": dict(node.extra_endpoints)}
+
+    def dial(self, address: str) -> None:
+        self.call(lambda: self._dial(address))
+
+    def _dial(self, address: str) -> None:
+        if address in self._links or address == self.address:
+            return
+        host, _ = zio.split_endpoint(address)
+        sock = zio.new_socket(self.node.ctx, zmq.DEALER, linger=self.timing.linger,
+                              max_bytes=self.node.max_message_bytes)
+        sock.setsockopt(zmq.IMMEDIATE, 1)     # no hellos queued for a peer that is not there
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        zio.connect(sock, address)
+        link = _Link(address, sock, host)
+        self._links[address] = link
+        self._link_by_sock[sock] = link
+        self.poller.register(sock, zmq.POLLIN)
+
+    def _send(self, route: tuple[str, Any], payload: bytes) -> None:
+        try:
+            if route[0] == "out":
+                link = self._links.get(route[1])
+                if link is not None:
+                    link.sock.send(payload, zio.NOBLOCK)
+            else:
+                self.router.send(route[1], zio.SNDMORE | zio.NOBLOCK)
+                self.router.send(payload, zio.NOBLOCK)
+        except zmq.Again:
+            pass  # not connected (yet): heartbeats and hellos are repeated anyway
+        except zmq.ZMQError as exc:
+            log.debug("send to %r failed: %s", route, exc)
+
+    def _broadcast(self, kind: str) -> None:
+        payload = encode_ctl(kind, self.offer())
+        for peer in list(self.peers.values()):
+            self._send(peer.route, payload)
+
+    def _heartbeat(self, now: float) -> None:
+        t = self.timing
+        ping = encode_ctl(CtlKind.PING, {"id": self.node.id})
+        for peer in list(self.peers.values()):
+            if now - peer.last_seen > t.peer_timeout:
+                log.info("peer %s (%s) silent for %.1fs: gone", peer.info.name, peer.info.id,
+                         now - peer.last_seen)
+                self._remove_peer(peer.info.id, "timeout")
+            else:
+                self._send(peer.route, ping)
+
+    def _hello(self, now: float) -> float:
+        """Say hello on links nobody answered yet; return when next to look."""
+        upcoming = now + 3600.0
+        hello: bytes | None = None
+        for link in self._links.values():
+            if link.peer_id is not None:
+                continue
+            if now >= link.next_hello:
+                # Quick retries first: with ZMQ_IMMEDIATE a hello sent before the TCP
+                # connection is up is refused, and the peer may just be starting.
+                link.next_hello = now + link.hello_delay
+                link.hello_delay = min(link.hello_delay * 2, self.timing.hello_interval)
+                if hello is None:
+                    hello = encode_ctl(CtlKind.HELLO, self.offer())
+                self._send(("out", link.address), hello)
+            upcoming = min(upcoming, link.next_hello)
+        return upcoming
+
+    def _on_router(self) -> None:
+        for _ in range(64):
+            try:
+                frames = self.router.recv_multipart(zio.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.malformed += 1
+                continue
+            ident = frames[0].bytes
+            self._on_ctl(frames[1].bytes, ("in", ident), zio.peer_address(frames[1]))
+
+    def _on_link(self, link: _Link) -> None:
+        for _ in range(64):
+            try:
+                frames = link.sock.recv_multipart(zio.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 1:
+                self.malformed += 1
+                continue
+            self._on_ctl(frames[0], ("out", link.address), link.via_host)
+
+    def _on_ctl(self, payload: bytes, route: tuple[str, Any], via_host: str | None) -> None:
+        try:
+            kind, fields = decode_ctl(payload)
+            if kind in (CtlKind.HELLO, CtlKind.WELCOME, CtlKind.UPDATE):
+                info = parse_offer(fields, via_host)
+        except ProtocolVersionError:
+            self.bad_version += 1
+            self.malformed += 1
+            return
+        except DecodeError as exc:
+            log.debug("malformed control message via %r: %s", route, exc)
+            self.malformed += 1
+            return
+        now = time.monotonic()
+        known = self._route_peer.get(route)
+        if kind == CtlKind.HELLO:
+            if info.id == self.node.id:
+                return
+            self._upsert(info, route, now)
+            self._send(route, encode_ctl(CtlKind.WELCOME, self.offer()))
+        elif kind == CtlKind.WELCOME:
+            if info.id == self.node.id:
+                return
+            link = self._links.get(route[1]) if route[0] == "out" else None
+            if link is not None:
+                link.peer_id = info.id
+            self._upsert(info, route, now)
+        elif known is None or known not in self.peers:
+            if kind in (CtlKind.PING, CtlKind.UPDATE):
+                self._send(route, encode_ctl(CtlKind.RESET, {"id": self.node.id}))
+            elif kind == CtlKind.RESET and route[0] == "out":
+                link = self._links.get(route[1])
+                if link is not None:
+                    link.next_hello = 0.0
+        elif kind == CtlKind.UPDATE:
+            self._upsert(info, route, now)
+        elif kind == CtlKind.PING:
+            self.peers[known].last_seen = now
+        elif kind == CtlKind.BYE:
+            self._remove_peer(known, "goodbye")
+        elif kind == CtlKind.RESET:
+            # the peer restarted and no longer knows us: forget it and say hello again
+            self._remove_peer(known, "reset")
+            if route[0] == "out" and route[1] in self._links:
+                self._links[route[1]].next_hello = 0.0
+        else:
+            self.node._on_control(kind, fields, known, route)
+        if known is not None and known in self.peers:
+            self.peers[known].last_seen = now
+
+    def _upsert(self, info: PeerInfo, route: tuple[str, Any], now: float) -> None:
+        prev = self._route_peer.get(route)
+        if prev is not None and prev != info.id:
+            self._remove_peer(prev, "restarted")
+        for other in list(self.peers.values()):  # an old incarnation at the same address
+            if other.info.id != info.id and other.info.address == info.address:
+                self._remove_peer(other.info.id, "restarted")
+        peer = self.peers.get(info.id)
+        with self.node.state_lock:
+            if peer is None:
+                peer = _Peer(info, route, now, {route})
+                self.peers[info.id] = peer
+                zio.connect(self.sub, info.pub)
+                joined = True
+            else:
+                if peer.info.pub != info.pub:
+                    zio.disconnect(self.sub, peer.info.pub)
+                    zio.connect(self.sub, info.pub)
+                peer.info = info
+                peer.routes.add(route)
+                peer.last_seen = now
+                joined = False
+            self._route_peer[route] = info.id
+        if joined:
+            self.peer_joins += 1
+            log.info("peer %s (%s) joined at %s", info.name, info.id, info.address)
+            self.node._peer_event("join", info)
+        self.node._state_changed()
+
+    def _remove_peer(self, node_id: str, reason: str) -> None:
+        with self.node.state_lock:
+            peer = self.peers.pop(node_id, None)
+            if peer is None:
+                return
+            self.synced.pop(node_id, None)
+            for route in peer.routes:
+                self._route_peer.pop(route, None)
+                if route[0] == "out" and route[1] in self._links:
+                    link = self._links[route[1]]
+                    link.peer_id = None
+                    link.next_hello = 0.0
+                    link.hello_delay = 0.005
+        zio.disconnect(self.sub, peer.info.pub)
+        self._seqs.pop(node_id, None)
+        self.peer_leaves += 1
+        log.info("peer %s (%s) left: %s", peer.info.name, node_id, reason)
+        self.node._peer_event("leave", replace(peer.info))
+        self.node._state_changed()
+
+    def send_to(self, node_id: str, kind: str, fields: dict[str, Any]) -> bool:
+        """Send a control message to a peer (I/O thread only). False if it is unknown."""
+        peer = self.peers.get(node_id)
+        if peer is None:
+            return False
+        self._send(peer.route, encode_ctl(kind, fields))
+        return True
+
+    def _begin_stop(self) -> None:
+        bye = encode_ctl(CtlKind.BYE, {"id": self.node.id})
+        for peer in list(self.peers.values()):
+            self._send(peer.route, bye)
+        self._stopping = True
+

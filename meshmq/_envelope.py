@@ -1,0 +1,106 @@
+"""Sans-IO wire format: ZeroMQ frames <-> meshmq messages. Specified in docs/PROTOCOL.md.
+
+No sockets here: functions over bytes, so other implementations and golden-byte tests can pin
+the format. Every payload is a msgpack array whose first element is the protocol version.
+Version 1 readers accept longer arrays (fields appended by later minor revisions are ignored) and
+reject any other version with :class:`ProtocolVersionError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from meshmq._codec import _unpackb, new_packer
+from meshmq._errors import DecodeError, EncodeError, ProtocolVersionError
+
+__all__ = ["PROTO", "CtlKind", "PubEncoder", "decode_ctl", "decode_pub", "encode_ctl"]
+
+PROTO = 1
+PUB_FIELDS = 8  # [proto, id, source, source_id, seq, timestamp, headers, body]
+
+
+class CtlKind:
+    """Control message kinds (strings on the wire, so a capture reads plainly)."""
+
+    HELLO = "hello"
+    WELCOME = "welcome"
+    UPDATE = "update"
+    PING = "ping"
+    BYE = "bye"
+    RESET = "reset"
+
+
+class PubEncoder:
+    """Packs pub/sub payloads. Holds a reusable packer: use from one thread at a time."""
+
+    __slots__ = ("_pack",)
+
+    def __init__(self) -> None:
+        self._pack = new_packer().pack
+
+    def encode(self, msg_id: str, source: str, source_id: str, seq: int, timestamp: float,
+               headers: dict[str, Any] | None, body: Any) -> bytes:
+        """The frame-1 payload of a published message."""
+        try:
+            return self._pack([PROTO, msg_id, source, source_id, seq, timestamp, headers, body])
+        except EncodeError:
+            raise
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(f"cannot encode message body or headers: {exc}") from exc
+
+
+def _unpack(payload: bytes | memoryview) -> Any:
+    try:
+        return _unpackb(payload)
+    except DecodeError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise DecodeError(f"payload is not valid msgpack: {exc}") from exc
+
+
+def decode_pub(topic: bytes, payload: bytes | memoryview) -> tuple[str, str, str, str, int, float,
+                                                                    dict[str, Any], Any]:
+    """Frames of a published message -> (topic, id, source, source_id, seq, ts, headers, body)."""
+    arr = _unpack(payload)
+    if type(arr) is not list or not arr:
+        raise DecodeError("pub payload is not a msgpack array")
+    if arr[0] != PROTO:
+        raise ProtocolVersionError(f"pub payload has protocol version {arr[0]!r}, expected {PROTO}")
+    if len(arr) < PUB_FIELDS:
+        raise DecodeError(f"pub payload has {len(arr)} fields, expected {PUB_FIELDS}")
+    _, msg_id, source, source_id, seq, ts, headers, body = arr[:PUB_FIELDS]
+    if (type(msg_id) is not str or type(source) is not str or type(source_id) is not str
+            or type(seq) is not int or type(ts) is not float):
+        raise DecodeError("pub payload field has the wrong type")
+    if headers is None:
+        headers = {}
+    elif type(headers) is not dict:
+        raise DecodeError("pub headers are not a map")
+    try:
+        topic_s = topic.decode()
+    except UnicodeDecodeError as exc:
+        raise DecodeError("topic frame is not UTF-8") from exc
+    return topic_s, msg_id, source, source_id, seq, ts, headers, body
+
+
+def encode_ctl(kind: str, fields: dict[str, Any]) -> bytes:
+    """A control-plane payload: ``[proto, kind, fields]``."""
+    try:
+        return msgpack.packb([PROTO, kind, fields], use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot encode control message {kind}: {exc}") from exc
+
+
+def decode_ctl(payload: bytes | memoryview) -> tuple[str, dict[str, Any]]:
+    """A control-plane payload -> (kind, fields)."""
+    arr = _unpack(payload)
+    if type(arr) is not list or len(arr) < 3:
+        raise DecodeError("control payload is not a [proto, kind, fields] array")
+    if arr[0] != PROTO:
+        raise ProtocolVersionError(f"control payload has protocol version {arr[0]!r}")
+    kind, fields = arr[1], arr[2]
+    if type(kind) is not str or type(fields) is not dict:
+        raise DecodeError("control payload has the wrong types")
+    return kind, fields
