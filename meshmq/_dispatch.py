@@ -81,6 +81,8 @@ class Runner:
         self.dropped = 0
         self.done = 0
         self.errors = 0
+        self.abandoned = 0       # queued when stop's drain deadline passed; never run
+        self._abandon = False
 
     @property
     def pending(self) -> int:
@@ -128,7 +130,10 @@ class ThreadRunner(Runner):
             batch = get()
             if batch is _STOP:
                 return
-            for msg in batch:
+            for i, msg in enumerate(batch):
+                if self._abandon:
+                    self.abandoned += len(batch) - i
+                    break
                 try:
                     fn(msg)
                 except BaseException as exc:  # noqa: BLE001 - a handler's failure is data
@@ -138,7 +143,11 @@ class ThreadRunner(Runner):
     def close(self, timeout: float) -> bool:
         self._q.put(_STOP)
         self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if self._thread.is_alive():
+            # Past the drain deadline: run nothing more; the thread ends after its current call.
+            self._abandon = True
+            return False
+        return True
 
 
 class AsyncRunner(Runner):
@@ -177,7 +186,10 @@ class AsyncRunner(Runner):
                 batch = await get()
                 if batch is _STOP:
                     return
-                for msg in batch:
+                for i, msg in enumerate(batch):
+                    if self._abandon:
+                        self.abandoned += len(batch) - i
+                        break
                     try:
                         await fn(msg)
                     except Exception as exc:  # noqa: BLE001 - a handler's failure is data
@@ -195,6 +207,7 @@ class AsyncRunner(Runner):
             return True
         if self._closed.wait(timeout):
             return True
+        self._abandon = True
         task = self._task
         if task is not None:
             try:

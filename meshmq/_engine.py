@@ -90,6 +90,9 @@ class Engine:
         self._stopping = False
         self._links: dict[str, _Link] = {}
         self._link_by_sock: dict[zmq.Socket[Any], _Link] = {}
+        self._subs: dict[str, zmq.Socket[Any]] = {}     # peer id -> SUB on its PUB
+        self._sub_socks: set[zmq.Socket[Any]] = set()
+        self._retiring: dict[zmq.Socket[Any], tuple[float, str]] = {}
         self.peers: dict[str, _Peer] = {}        # read by other threads under node.state_lock
         self.synced: dict[str, int] = {}          # node id -> marker version seen on our XPUB
         self._route_peer: dict[tuple[str, Any], str] = {}
@@ -101,6 +104,7 @@ class Engine:
         self.received = 0
         self.malformed = 0
         self.bad_version = 0
+        self.oversized = 0
         self.gaps = 0
         self.gaps_by_sender: dict[str, int] = {}
         self.peer_joins = 0
@@ -151,17 +155,14 @@ class Engine:
         node, t = self.node, self.timing
         ctx = node.ctx
         self.router = zio.new_socket(ctx, zmq.ROUTER, linger=t.linger,
-                                     max_bytes=node.max_message_bytes)
+                                     max_bytes=2 * node.max_message_bytes)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         bound = zio.bind(self.router, node.host, node.port)
         _, port = zio.split_endpoint(bound)
         self.address = f"tcp://{zio.local_address(node.host)}:{port}"
         self.ctl_advertised = f"tcp://{node.host}:{port}"
-        self.sub = zio.new_socket(ctx, zmq.SUB, linger=0, max_bytes=node.max_message_bytes,
-                                  hwm=node.hwm)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
-        self.poller.register(self.sub, zmq.POLLIN)
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self._xpub_fd = node.xpub.getsockopt(zmq.FD)
         self.poller.register(self._xpub_fd, zmq.POLLIN)
@@ -170,22 +171,70 @@ class Engine:
             self._dial(address)
 
     def _teardown(self) -> None:
-        for sock in [*(lk.sock for lk in self._links.values()),
-                     getattr(self, "sub", None), getattr(self, "router", None)]:
+        for sock in [*(lk.sock for lk in self._links.values()), *self._subs.values(),
+                     *self._retiring, getattr(self, "router", None)]:
             if sock is not None:
                 sock.close()
         self._links.clear()
+        self._subs.clear()
+        self._retiring.clear()
+
+    def _open_sub(self, pub: str) -> zmq.Socket[Any]:
+        """A SUB socket for one peer's PUB, with every current filter set before it connects.
+
+        One SUB per peer rather than one for all: when a peer leaves we close its socket whole.
+        ``zmq_disconnect`` on a shared SUB can cut a pipe while another pipe's multipart
+        message is half read, which trips libzmq's ``!_more`` assertion (fq.cpp) and aborts.
+        """
+        # libzmq resets a connection that sends a frame over ZMQ_MAXMSGSIZE without telling us;
+        # set it above our own cap so frames between the two are seen, counted and dropped.
+        sock = zio.new_socket(self.node.ctx, zmq.SUB, linger=0,
+                              max_bytes=2 * self.node.max_message_bytes, hwm=self.node.hwm)
+        for prefix in self._prefixes:
+            sock.setsockopt(zmq.SUBSCRIBE, prefix)
+        if self._marker is not None:
+            sock.setsockopt(zmq.SUBSCRIBE, self._marker)
+        zio.connect(sock, pub)
+        self.poller.register(sock, zmq.POLLIN)
+        return sock
+
+    def _close_sub(self, node_id: str, grace: float = 0.0) -> None:
+        """Stop listening to a peer, after ``grace`` seconds of draining what is in flight."""
+        sock = self._subs.pop(node_id, None)
+        if sock is None:
+            return
+        if grace > 0:
+            # A goodbye travels on the control connection and can overtake the peer's last
+            # messages on its PUB connection: keep reading those for a moment.
+            self._retiring[sock] = (time.monotonic() + grace, node_id)
+            return
+        self._discard_sub(sock)
+
+    def _discard_sub(self, sock: zmq.Socket[Any]) -> None:
+        self.poller.unregister(sock)
+        sock.close()
+        self._sub_socks.discard(sock)
+
+    def _retire_subs(self, now: float) -> None:
+        for sock, (deadline, node_id) in list(self._retiring.items()):
+            if now >= deadline:
+                del self._retiring[sock]
+                self._discard_sub(sock)
+                if node_id not in self.peers:
+                    self._seqs.pop(node_id, None)
 
     def _loop(self) -> None:
         t = self.timing
         poll = self.poller.poll
-        sub, router, wake, xfd = self.sub, self.router, self._wake_r.fileno(), self._xpub_fd
+        router, wake, xfd = self.router, self._wake_r.fileno(), self._xpub_fd
         next_beat = 0.0
         next_tick = 0.0
         while not self._stopping:
             now = time.monotonic()
             if now >= next_tick:
                 self._check_xpub()
+                if self._retiring:
+                    self._retire_subs(now)
                 next_tick = now + t.tick
             if now >= next_beat:
                 self._heartbeat(now)
@@ -193,8 +242,8 @@ class Engine:
             next_hello = self._hello(now)
             timeout = max(0.0, min(next_tick, next_beat, next_hello) - time.monotonic())
             for sock, _ in poll(int(timeout * 1000) + 1):
-                if sock is sub:
-                    self._on_sub()
+                if sock in self._sub_socks:
+                    self._on_sub(sock)
                 elif sock is router:
                     self._on_router()
                 elif sock == wake:
@@ -220,12 +269,12 @@ class Engine:
             fn()
 
     # ---- receive path (hot) ---------------------------------------------------------------
-    def _on_sub(self) -> None:
-        sub = self.sub
+    def _on_sub(self, sub: zmq.Socket[Any]) -> None:
         recv = sub.recv
         more = zmq.RCVMORE
         lookup = self.node._route
         seqs = self._seqs
+        cap = self.node.max_message_bytes
         batches: dict[Any, list[Message]] = {}
         n = 0
         for _ in range(BURST):
@@ -240,6 +289,10 @@ class Engine:
             if sub.getsockopt(more):
                 while sub.getsockopt(more):  # drain a message with too many frames
                     recv(zio.NOBLOCK)
+                self.malformed += 1
+                continue
+            if len(payload) > cap:
+                self.oversized += 1
                 self.malformed += 1
                 continue
             try:
@@ -282,19 +335,23 @@ class Engine:
         for pattern in self.node._patterns():
             wanted[self.node._prefix(pattern)] = 1
         changed = False
+        socks = list(self._subs.values())
         for prefix in wanted.keys() - self._prefixes.keys():
-            self.sub.setsockopt(zmq.SUBSCRIBE, prefix)
+            for sock in socks:
+                sock.setsockopt(zmq.SUBSCRIBE, prefix)
             changed = True
         for prefix in self._prefixes.keys() - wanted.keys():
-            self.sub.setsockopt(zmq.UNSUBSCRIBE, prefix)
+            for sock in socks:
+                sock.setsockopt(zmq.UNSUBSCRIBE, prefix)
             changed = True
         self._prefixes = wanted
         if changed or self._marker is None:
             self.sub_version += 1
             old, self._marker = self._marker, marker_topic(self.node.id, self.sub_version)
-            self.sub.setsockopt(zmq.SUBSCRIBE, self._marker)
-            if old is not None:
-                self.sub.setsockopt(zmq.UNSUBSCRIBE, old)
+            for sock in socks:
+                sock.setsockopt(zmq.SUBSCRIBE, self._marker)
+                if old is not None:
+                    sock.setsockopt(zmq.UNSUBSCRIBE, old)
         self._broadcast(CtlKind.UPDATE)
 
     def subscriptions_changed(self) -> None:
@@ -452,6 +509,9 @@ class Engine:
             if link is not None:
                 link.peer_id = info.id
             self._upsert(info, route, now)
+            # Our offer may have changed after the hello went out (a handler added meanwhile),
+            # and an update broadcast then had no peer to go to: send the current one now.
+            self._send(route, encode_ctl(CtlKind.UPDATE, self.offer()))
         elif known is None or known not in self.peers:
             if kind in (CtlKind.PING, CtlKind.UPDATE):
                 self._send(route, encode_ctl(CtlKind.RESET, {"id": self.node.id}))
@@ -487,12 +547,11 @@ class Engine:
             if peer is None:
                 peer = _Peer(info, route, now, {route})
                 self.peers[info.id] = peer
-                zio.connect(self.sub, info.pub)
+                self._set_sub(info.id, info.pub)
                 joined = True
             else:
                 if peer.info.pub != info.pub:
-                    zio.disconnect(self.sub, peer.info.pub)
-                    zio.connect(self.sub, info.pub)
+                    self._set_sub(info.id, info.pub)
                 peer.info = info
                 peer.routes.add(route)
                 peer.last_seen = now
@@ -503,6 +562,11 @@ class Engine:
             log.info("peer %s (%s) joined at %s", info.name, info.id, info.address)
             self.node._peer_event("join", info)
         self.node._state_changed()
+
+    def _set_sub(self, node_id: str, pub: str) -> None:
+        self._close_sub(node_id)
+        sock = self._subs[node_id] = self._open_sub(pub)
+        self._sub_socks.add(sock)
 
     def _remove_peer(self, node_id: str, reason: str) -> None:
         with self.node.state_lock:
@@ -517,8 +581,9 @@ class Engine:
                     link.peer_id = None
                     link.next_hello = 0.0
                     link.hello_delay = 0.005
-        zio.disconnect(self.sub, peer.info.pub)
-        self._seqs.pop(node_id, None)
+        self._close_sub(node_id, grace=self.timing.peer_timeout if reason == "goodbye" else 0.0)
+        if node_id not in {nid for _, nid in self._retiring.values()}:
+            self._seqs.pop(node_id, None)
         self.peer_leaves += 1
         log.info("peer %s (%s) left: %s", peer.info.name, node_id, reason)
         self.node._peer_event("leave", replace(peer.info))

@@ -44,10 +44,13 @@ STATS_KEYS = """
 sent            messages this node published
 received        messages that arrived from peers and decoded well
 delivered       handler invocations that finished (ok or raising)
-dropped         messages dropped because a handler's queue was full
+dropped         messages dropped because a handler's queue was full, or abandoned in its
+                queue when stop()'s drain deadline passed
 pending         messages queued for handlers right now
 malformed       frames from peers that were dropped as invalid (garbage, bad frame count, ...)
 bad_version     of those, frames of a protocol version this node does not speak
+oversized       of those, frames over max_message_bytes (libzmq resets a connection that
+                sends one over twice that, before meshmq sees it)
 gaps            messages missed, as counted from per-sender, per-topic sequence numbers
 gaps_by_sender  the same, per sender name (a dict)
 handler_errors  handler invocations that raised (logged with the traceback)
@@ -275,7 +278,7 @@ class Node:
                 self.engine.offer_changed()
 
     def _bind(self, spec: HandlerSpec, fn: Callable[..., Any]) -> None:
-        label = f"{spec.kind}:{spec.name}:{getattr(fn, '__qualname__', fn)}"
+        label = f"{spec.kind}:{spec.name}:{getattr(fn, '__qualname__', type(fn).__name__)}"
         if spec.kind == "subscribe":
             runner = make_runner(fn, label, self.max_pending, self._handler_loop)
             self._runners.append(runner)
@@ -448,10 +451,11 @@ class Node:
             "sent": self._sent,
             "received": e.received if e else 0,
             "delivered": sum(r.done for r in runners),
-            "dropped": sum(r.dropped for r in runners),
+            "dropped": sum(r.dropped + r.abandoned for r in runners),
             "pending": sum(max(0, r.pending) for r in runners),
             "malformed": e.malformed if e else 0,
             "bad_version": e.bad_version if e else 0,
+            "oversized": e.oversized if e else 0,
             "gaps": e.gaps if e else 0,
             "gaps_by_sender": dict(e.gaps_by_sender) if e else {},
             "handler_errors": sum(r.errors for r in runners),
