@@ -10,7 +10,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
-from meshmq._errors import MeshTimeout, NodeClosed
+from meshmq._errors import Backpressure, MeshTimeout, NodeClosed
 from meshmq._node import Node
 from meshmq._peers import PeerInfo
 from meshmq._topics import check_topic
@@ -125,6 +125,35 @@ class AsyncNode:
                       headers: dict[str, Any] | None = None) -> str:
         # Publishing never blocks (ZeroMQ drops past the high-water mark), so no thread hop.
         return self.node.publish(topic, body, headers)
+
+    def worker(self, queue: str, **options: Any) -> Callable[[F], F]:
+        return self.node.worker(queue, **options)
+
+    def rpc(self, service: str, **options: Any) -> Callable[[F], F]:
+        return self.node.rpc(service, **options)
+
+    async def push(self, queue: str, body: Any = None, key: Any = None,
+                   headers: dict[str, Any] | None = None, *, block: bool = True,
+                   timeout: float | None = None) -> str:
+        try:
+            return self.node.push(queue, body, key, headers, block=False)
+        except Backpressure:
+            if not block:
+                raise
+        # full: wait for room in a thread, so the loop keeps running
+        return await in_thread(lambda: self.node.push(queue, body, key, headers, block=True,
+                                                      timeout=timeout))
+
+    async def wait_for_workers(self, queue: str, count: int = 1, timeout: float = 5.0) -> int:
+        self.node._require_running()
+        return int(await self.wait_until(
+            lambda: (n := self.node._pipelines.workers_for(queue)) >= count and n, timeout,
+            f"{count} worker(s) of {queue!r}"))
+
+    async def call(self, service: str, *args: Any, timeout: float = 5.0, retry: bool = False,
+                   **kwargs: Any) -> Any:
+        """Call a service without blocking the loop; thousands may be in flight at once."""
+        return await self.node._rpc.acall(service, args, kwargs, timeout, retry)
 
     async def run(self) -> None:
         """Start if needed, wait for SIGINT or SIGTERM, then stop cleanly."""

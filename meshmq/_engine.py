@@ -77,10 +77,11 @@ class Engine:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.timing = node.timing
-        self.cmds: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.cmds: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = _socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._wake_pending = False
         self.thread = threading.Thread(target=self._main, name=f"meshmq-io-{node.name}",
                                        daemon=True)
         self.started = threading.Event()
@@ -111,13 +112,15 @@ class Engine:
         self.peer_leaves = 0
 
     # ---- called from other threads -------------------------------------------------------
-    def call(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the I/O thread soon."""
+    def call(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the I/O thread soon (thread-safe; wake-ups are coalesced)."""
         self.cmds.put(fn)
-        try:
-            self._wake_w.send(b"\x00")
-        except (BlockingIOError, OSError):
-            pass  # the buffer is full of wake-ups already, or we are closing
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._wake_w.send(b"\x00")
+            except (BlockingIOError, OSError):
+                pass  # the buffer is full of wake-ups already, or we are closing
 
     def start(self) -> None:
         self.thread.start()
@@ -261,6 +264,7 @@ class Engine:
                 pass
         except (BlockingIOError, OSError):
             pass
+        self._wake_pending = False  # before draining: a command put after this wakes us again
         while True:
             try:
                 fn = self.cmds.get_nowait()
@@ -391,7 +395,8 @@ class Engine:
                 "ctl": self.ctl_advertised, "pub": node.pub_advertised,
                 "subs": sorted(node._patterns()), "sv": self.sub_version,
                 "workers": sorted(node._offers("worker")),
-                "services": sorted(node._offers("rpc")), "eps": dict(node.extra_endpoints)}
+                "services": sorted(node._offers("rpc")), "eps": dict(node.extra_endpoints),
+                **node._offer_fields()}
 
     def dial(self, address: str) -> None:
         self.call(lambda: self._dial(address))
@@ -432,6 +437,10 @@ class Engine:
 
     def _heartbeat(self, now: float) -> None:
         t = self.timing
+        for plugin in self.node._plugins:
+            tick = getattr(plugin, "tick", None)
+            if tick is not None:
+                tick(now)
         ping = encode_ctl(CtlKind.PING, {"id": self.node.id})
         for peer in list(self.peers.values()):
             if now - peer.last_seen > t.peer_timeout:
@@ -561,6 +570,8 @@ class Engine:
             self.peer_joins += 1
             log.info("peer %s (%s) joined at %s", info.name, info.id, info.address)
             self.node._peer_event("join", info)
+        else:
+            self.node._peer_updated(info)
         self.node._state_changed()
 
     def _set_sub(self, node_id: str, pub: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgpack
 
-from meshmq._codec import _unpackb, new_packer
+from meshmq._codec import _default, _unpackb, new_packer
 from meshmq._errors import DecodeError, EncodeError, ProtocolVersionError
 
 __all__ = ["PROTO", "CtlKind", "PubEncoder", "decode_ctl", "decode_pub", "encode_ctl"]
@@ -85,10 +85,17 @@ def decode_pub(topic: bytes, payload: bytes | memoryview) -> tuple[str, str, str
     return topic_s, msg_id, source, source_id, seq, ts, headers, body
 
 
+def _pack_ctl(obj: Any) -> bytes:
+    # packb, not a shared Packer: control messages are built on several threads.
+    return msgpack.packb(obj, default=_default, use_bin_type=True, datetime=True)
+
+
 def encode_ctl(kind: str, fields: dict[str, Any]) -> bytes:
     """A control-plane payload: ``[proto, kind, fields]``."""
     try:
-        return msgpack.packb([PROTO, kind, fields], use_bin_type=True)
+        return _pack_ctl([PROTO, kind, fields])
+    except EncodeError:
+        raise
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"cannot encode control message {kind}: {exc}") from exc
 

@@ -15,7 +15,8 @@ class Message:
     ``seq`` counts per sender and topic, from 1 for each sender incarnation, so filtering by topic
     never looks like loss. ``gap`` is how many messages of this sender and topic were missed just
     before this one (0 when none; a subscriber's first message from a sender never counts a gap).
-    ``attempt`` counts deliveries of a pipeline task (1 for pub/sub).
+    ``attempt`` counts deliveries of a pipeline task (1 for pub/sub); ``key`` is the task's
+    affinity key (None for pub/sub and unkeyed tasks).
     """
 
     topic: str
@@ -28,3 +29,4 @@ class Message:
     timestamp: float = 0.0
     gap: int = 0
     attempt: int = 1
+    key: Any = None

@@ -57,6 +57,12 @@ handler_errors  handler invocations that raised (logged with the traceback)
 peers           peers alive now
 peer_joins      peers seen joining since start
 peer_leaves     peers seen leaving (goodbye, timeout, restart) since start
+tasks_*         pipelines: pushed, completed (acked or dead-lettered), redelivered (worker
+                died), failed (handler raised), worked (by this node), backlog, inflight
+deadlettered    tasks published on deadletter.<queue> after max_attempts failures
+late_acks       acks for tasks already given to another worker (counted, ignored)
+backpressure_rejects  push(block=False) calls refused with Backpressure
+calls_*         RPC: made, served, retried (server died, retry=True), failed_remote, pending
 """
 
 
@@ -80,7 +86,7 @@ class Node:
                  port: int = 0, *, discovery: str | None = None, group: str | None = None,
                  interfaces: list[str] | None = None, timing: Timing | None = None,
                  hwm: int = 100_000, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 max_pending: int = 100_000) -> None:
+                 max_pending: int = 100_000, max_backlog: int = 10_000) -> None:
         if not isinstance(name, str) or not name or len(name) > 63:
             raise ConfigError(f"node name must be a str of 1..63 characters, not {name!r}")
         if discovery is None:
@@ -120,7 +126,11 @@ class Node:
         self._id_prefix = f"{self.id}-"
         self._sent = 0
         self._discovery: Any = None
-        self._plugins: list[Any] = []
+        from meshmq.patterns import Pipelines, Rpc  # the patterns plug into the core
+
+        self._pipelines = Pipelines(self, max_backlog)
+        self._rpc = Rpc(self)
+        self._plugins: list[Any] = [self._pipelines, self._rpc]
         self._listeners: list[Callable[[], None]] = []   # told of every peer/state change
         self.engine: Engine | None = None
 
@@ -339,16 +349,35 @@ class Node:
         return fn
 
     def _peer_event(self, kind: str, info: PeerInfo) -> None:
-        self._events.submit([(kind, info)])
-
-    def _run_peer_event(self, event: tuple[str, PeerInfo]) -> None:
-        kind, info = event
+        # Patterns hear of it at once, on the I/O thread (they keep their state there);
+        # user callbacks run in a thread of their own.
         for plugin in self._plugins:
             hook = getattr(plugin, f"on_peer_{kind}", None)
             if hook is not None:
+                try:
+                    hook(info)
+                except Exception:  # noqa: BLE001 - one pattern's bug must not stop the node
+                    log.exception("peer %s hook of %r failed", kind, plugin)
+        self._events.submit([(kind, info)])
+
+    def _peer_updated(self, info: PeerInfo) -> None:
+        for plugin in self._plugins:
+            hook = getattr(plugin, "on_peer_update", None)
+            if hook is not None:
                 hook(info)
+
+    def _run_peer_event(self, event: tuple[str, PeerInfo]) -> None:
+        kind, info = event
         for cb in self._join_cbs if kind == "join" else self._leave_cbs:
             cb(info)
+
+    def _offer_fields(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for plugin in self._plugins:
+            hook = getattr(plugin, "offer_fields", None)
+            if hook is not None:
+                out.update(hook())
+        return out
 
     def peers(self) -> list[PeerInfo]:
         """The peers alive now."""
@@ -441,6 +470,64 @@ class Node:
         if self._state != "running":
             raise NodeClosed(f"node {self.name!r} is {self._state}; call start() first"
                              if self._state == "new" else f"node {self.name!r} is {self._state}")
+
+    # ---- pipelines -----------------------------------------------------------------------------
+    def worker(self, queue: str, *, emit: str | None = None, concurrency: int = 1,
+               max_attempts: int = 3) -> Callable[[F], F]:
+        """Decorator: one of the workers of ``queue`` gets each task (``msg.attempt`` counts).
+
+        ``concurrency`` tasks run at once (the credit this worker grants); a task whose handler
+        raises ``max_attempts`` times goes to ``deadletter.<queue>``; with ``emit``, the return
+        value is pushed on to that queue (under a derived id, so a redone task is recognisable).
+        """
+        from meshmq.patterns import worker_spec
+        spec = worker_spec(queue, emit, concurrency, max_attempts)
+
+        def deco(fn: F) -> F:
+            record(fn, spec)
+            self.add_handler(spec, fn)
+            return fn
+        return deco
+
+    def push(self, queue: str, body: Any = None, key: Any = None,
+             headers: dict[str, Any] | None = None, *, block: bool = True,
+             timeout: float | None = None) -> str:
+        """Hand a task to one worker of ``queue``; return its id.
+
+        Tasks with the same ``key`` go to the same live worker, in order. Past ``max_backlog``
+        tasks outstanding, blocks (up to ``timeout``) or, with ``block=False``, raises
+        :class:`Backpressure`.
+        """
+        return self._pipelines.push(queue, body, key, headers, block, timeout)
+
+    def wait_for_workers(self, queue: str, count: int = 1, timeout: float = 5.0) -> int:
+        """Block until ``count`` nodes work ``queue``; return how many do."""
+        self._require_running()
+        return int(self.wait_until(
+            lambda: (n := self._pipelines.workers_for(queue)) >= count and n, timeout,
+            f"{count} worker(s) of {queue!r}"))
+
+    # ---- RPC -------------------------------------------------------------------------------------
+    def rpc(self, service: str, *, concurrency: int = 8) -> Callable[[F], F]:
+        """Decorator: serve ``service``; up to ``concurrency`` calls run at once."""
+        from meshmq.patterns import rpc_spec
+        spec = rpc_spec(service, concurrency)
+
+        def deco(fn: F) -> F:
+            record(fn, spec)
+            self.add_handler(spec, fn)
+            return fn
+        return deco
+
+    def call(self, service: str, *args: Any, timeout: float = 5.0, retry: bool = False,
+             **kwargs: Any) -> Any:
+        """Call ``service`` on one of the nodes serving it; return its result.
+
+        Raises :class:`RemoteError` if the handler raised, :class:`MeshTimeout` if no reply came
+        in time, :class:`NoPeerError` if nobody served it within the timeout. ``retry=True``
+        re-sends to another server if the first one dies: use it for idempotent calls only.
+        """
+        return self._rpc.call(service, args, kwargs, timeout, retry)
 
     # ---- observability -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

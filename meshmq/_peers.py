@@ -30,6 +30,7 @@ class PeerInfo:
     services: tuple[str, ...] = ()    # RPC services it serves
     endpoints: dict[str, str] = field(default_factory=dict)  # other named endpoints
     sub_version: int = 0              # bumped whenever its subscriptions change
+    queues: dict[str, tuple[int, int]] = field(default_factory=dict)  # queue -> (concurrency, max_attempts)
 
 
 def _str_list(fields: dict[str, Any], key: str) -> tuple[str, ...]:
@@ -54,12 +55,23 @@ def parse_offer(fields: dict[str, Any], via_host: str | None) -> PeerInfo:
         raise DecodeError("offer has a field of the wrong type")
     if len(eps) > 64 or any(type(k) is not str or type(v) is not str for k, v in eps.items()):
         raise DecodeError("offer endpoints must map str to str")
+    wq = fields.get("wq", {})
+    if type(wq) is not dict or len(wq) > MAX_LIST:
+        raise DecodeError("offer field 'wq' is not a map")
+    queues: dict[str, tuple[int, int]] = {}
+    for q, spec in wq.items():
+        if (type(q) is not str or type(spec) is not list or len(spec) < 2
+                or type(spec[0]) is not int or type(spec[1]) is not int
+                or not 0 < spec[0] <= 1_000_000 or not 0 < spec[1] <= 1_000_000):
+            raise DecodeError("offer field 'wq' maps queue to [concurrency, max_attempts]")
+        queues[q] = (spec[0], spec[1])
     try:
         return PeerInfo(
             name=name, id=node_id, address=dialable(ctl, via_host), group=group,
             pub=dialable(pub, via_host),
             subscriptions=_str_list(fields, "subs"), workers=_str_list(fields, "workers"),
             services=_str_list(fields, "services"),
-            endpoints={k: dialable(v, via_host) for k, v in eps.items()}, sub_version=sv)
+            endpoints={k: dialable(v, via_host) for k, v in eps.items()}, sub_version=sv,
+            queues=queues)
     except ValueError as exc:  # ConfigError from a malformed endpoint
         raise DecodeError(f"offer has a bad endpoint: {exc}") from exc

@@ -1,0 +1,109 @@
+"""A bounded pool that runs a handler for pipeline tasks and RPC calls, then reports the outcome.
+
+Sync handlers run on ``concurrency`` threads of their own; ``async def`` handlers run as tasks
+on the node's handler loop with at most ``concurrency`` at once. Never on the I/O thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from meshmq._dispatch import is_async
+
+__all__ = ["Outcome", "Pool", "describe_error"]
+
+log = logging.getLogger("meshmq")
+
+#: (ok, value): value is the handler's result, or an error description from describe_error()
+Outcome = tuple[bool, Any]
+Job = tuple[Callable[[], Any], Callable[[bool, Any], None]]
+_STOP: Any = object()
+
+
+def describe_error(exc: BaseException) -> dict[str, str]:
+    """An exception as data: type name, message, traceback text. Never pickled, never imported."""
+    return {"type": type(exc).__qualname__, "message": str(exc),
+            "traceback": "".join(traceback.format_exception(exc))}
+
+
+class Pool:
+    """Runs ``call()`` jobs, ``concurrency`` at a time, and hands each outcome to ``done``."""
+
+    def __init__(self, fn: Callable[..., Any], label: str, concurrency: int,
+                 loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+        self.fn = fn
+        self.label = label
+        self.concurrency = concurrency
+        self.is_async = is_async(fn)
+        self.errors = 0
+        self.done = 0
+        self._threads: list[threading.Thread] = []
+        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        if self.is_async:
+            self.loop = loop_factory()
+            self._sem: asyncio.Semaphore | None = None
+        else:
+            for i in range(concurrency):
+                t = threading.Thread(target=self._work, name=f"meshmq-{label}-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+               done: Callable[[bool, Any], None]) -> None:
+        """Run ``fn(*args, **kwargs)`` soon; call ``done(ok, result_or_error)`` after."""
+        if self.is_async:
+            self.loop.call_soon_threadsafe(self._spawn, args, kwargs, done)
+        else:
+            self._q.put((args, kwargs, done))
+
+    def _finish(self, done: Callable[[bool, Any], None], ok: bool, value: Any) -> None:
+        self.done += 1
+        try:
+            done(ok, value)
+        except Exception:  # noqa: BLE001 - reporting must not kill the worker
+            log.exception("reporting the outcome of %s failed", self.label)
+
+    def _work(self) -> None:
+        fn, get = self.fn, self._q.get
+        while True:
+            job = get()
+            if job is _STOP:
+                return
+            args, kwargs, done = job
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - a handler's failure travels as data
+                self.errors += 1
+                self._finish(done, False, exc)
+            else:
+                self._finish(done, True, result)
+
+    def _spawn(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+               done: Callable[[bool, Any], None]) -> None:
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.concurrency)
+        asyncio.ensure_future(self._run_async(args, kwargs, done))
+
+    async def _run_async(self, args: tuple[Any, ...], kwargs: dict[str, Any],
+                         done: Callable[[bool, Any], None]) -> None:
+        assert self._sem is not None
+        async with self._sem:
+            try:
+                result = await self.fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                self.errors += 1
+                self._finish(done, False, exc)
+            else:
+                self._finish(done, True, result)
+
+    def close(self, timeout: float) -> None:
+        for _ in self._threads:
+            self._q.put(_STOP)
+        for t in self._threads:
+            t.join(timeout)
