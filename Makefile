@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check meshmq patterns discovery durability tests examples benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/mypy meshmq patterns discovery durability
 
 test: lint

@@ -509,8 +509,10 @@ class Engine:
         if kind == CtlKind.HELLO:
             if info.id == self.node.id:
                 return
-            self._upsert(info, route, now)
+            # Welcome first: joining may make the patterns send work to the peer at once,
+            # and the peer ignores anything from us before our welcome.
             self._send(route, encode_ctl(CtlKind.WELCOME, self.offer()))
+            self._upsert(info, route, now)
         elif kind == CtlKind.WELCOME:
             if info.id == self.node.id:
                 return

@@ -500,6 +500,12 @@ class Node:
         """
         return self._pipelines.push(queue, body, key, headers, block, timeout)
 
+    def wait_for_tasks(self, queue: str | None = None, timeout: float | None = None) -> None:
+        """Block until every task this node pushed (to ``queue``, or to any) is acknowledged
+        or dead-lettered; raise :class:`MeshTimeout` after ``timeout`` seconds."""
+        if not self._pipelines.wait_done(queue, timeout):
+            raise MeshTimeout(f"tasks still outstanding after {timeout}s")
+
     def wait_for_workers(self, queue: str, count: int = 1, timeout: float = 5.0) -> int:
         """Block until ``count`` nodes work ``queue``; return how many do."""
         self._require_running()

@@ -168,6 +168,15 @@ class Pipelines:
         node.engine.call(lambda: self._enqueue(task))
         return tid
 
+    def wait_done(self, queue: str | None, timeout: float | None) -> bool:
+        """Block until every task pushed (to ``queue``, or to any) is acknowledged."""
+        def idle() -> bool:
+            if queue is not None:
+                return self._outstanding.get(queue, 0) == 0
+            return not any(self._outstanding.values())
+        with self._cv:
+            return self._cv.wait_for(lambda: idle() or not self.node.running, timeout) and idle()
+
     def workers_for(self, queue: str) -> int:
         n = sum(1 for p in self.node.peers() if queue in p.queues)
         return n + (1 if queue in self.workers else 0)

@@ -1,0 +1,160 @@
+"""Pipelines in one process (several nodes, real sockets): dispatch, failures, keys, limits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from meshmq import Backpressure, MeshTimeout, Message, Node
+from meshmq.testing import Collector, wait_until
+
+
+def test_fair_dispatch_favours_the_fast_worker(make_node: Callable[..., Node]) -> None:
+    pusher = make_node("vent")
+    slow, fast = make_node("slow", peers=[pusher.address]), make_node("fast", peers=[pusher.address])
+    counts = {"slow": 0, "fast": 0}
+
+    @slow.worker("jobs")
+    def slow_work(msg: Message) -> None:
+        time.sleep(0.05)
+        counts["slow"] += 1
+
+    @fast.worker("jobs")
+    def fast_work(msg: Message) -> None:
+        time.sleep(0.001)
+        counts["fast"] += 1
+
+    pusher.wait_for_workers("jobs", count=2)
+    started = time.monotonic()
+    for i in range(200):
+        pusher.push("jobs", i)
+    pusher.wait_for_tasks("jobs", timeout=20)
+    elapsed = time.monotonic() - started
+    assert counts["slow"] + counts["fast"] == 200
+    # round-robin would give the slow worker 100 tasks: 5 s. Fair dispatch is near fast-alone.
+    assert counts["fast"] >= 170, counts
+    assert elapsed < 2.0, (elapsed, counts)
+
+
+def test_return_value_is_emitted_to_the_next_stage(make_node: Callable[..., Node]) -> None:
+    vent = make_node("vent")
+    worker = make_node("w", peers=[vent.address])
+    sink = make_node("sink", peers=[vent.address, worker.address])
+    got = Collector()
+
+    @worker.worker("resize", emit="thumbs")
+    def resize(msg: Message) -> dict[str, int]:
+        return {"n": msg.body * 2}
+
+    sink.worker("thumbs")(got)
+    vent.wait_for_workers("resize")
+    worker.wait_for_workers("thumbs")
+    ids = [vent.push("resize", i) for i in range(5)]
+    msgs = got.wait(5)
+    assert sorted(m.body["n"] for m in msgs) == [0, 2, 4, 6, 8]
+    assert {m.id for m in msgs} == {f"{i}>thumbs" for i in ids}  # derived: a redo has the same id
+
+
+def test_failing_task_is_dead_lettered_and_does_not_block(make_node: Callable[..., Node]) -> None:
+    vent = make_node("vent")
+    worker = make_node("w", peers=[vent.address])
+    dead, ok = Collector(), Collector()
+    attempts: list[int] = []
+
+    @worker.worker("audit", max_attempts=3)
+    def audit(msg: Message) -> None:
+        if msg.body == "poison":
+            attempts.append(msg.attempt)
+            raise RuntimeError("cannot audit poison")
+        ok(msg)
+
+    vent.subscribe("deadletter.>")(dead)
+    vent.wait_for_workers("audit")
+    vent.push("audit", "poison")
+    vent.push("audit", "fine")
+    [letter] = dead.wait(1)
+    assert letter.topic == "deadletter.audit"
+    assert letter.body["body"] == "poison" and letter.body["attempts"] == 3
+    assert [e["type"] for e in letter.body["errors"]] == ["RuntimeError"] * 3
+    assert "cannot audit poison" in letter.body["errors"][0]["traceback"]
+    assert attempts == [1, 2, 3]
+    assert ok.wait(1)[0].body == "fine"
+    vent.wait_for_tasks(timeout=5)
+    stats = vent.stats()
+    assert stats["deadlettered"] == 1 and stats["tasks_failed"] == 3
+
+
+def test_key_affinity_in_order_and_moves_when_a_worker_leaves(
+        make_node: Callable[..., Node]) -> None:
+    vent = make_node("vent")
+    workers = [make_node(f"w{i}", peers=[vent.address]) for i in range(3)]
+    seen: dict[str, list[tuple[str, int]]] = {}
+    lock = threading.Lock()
+
+    for w in workers:
+        @w.worker("orders", concurrency=4)
+        def handle(msg: Message, name: str = w.name) -> None:
+            with lock:
+                seen.setdefault(msg.key, []).append((name, msg.body))
+
+    vent.wait_for_workers("orders", count=3)
+    keys = [f"customer-{k}" for k in range(8)]
+    for i in range(20):
+        for k in keys:
+            vent.push("orders", i, key=k)
+    vent.wait_for_tasks(timeout=10)
+    owner = {}
+    for k in keys:
+        names = {n for n, _ in seen[k]}
+        assert len(names) == 1, (k, names)           # one worker per key
+        assert [b for _, b in seen[k]] == list(range(20))   # in order
+        owner[k] = names.pop()
+    leaving = owner[keys[0]]
+    next(w for w in workers if w.name == leaving).stop()
+    wait_until(lambda: vent._pipelines.workers_for("orders") == 2, what="leave")
+    seen.clear()
+    for k in keys:
+        vent.push("orders", 99, key=k)
+    vent.wait_for_tasks(timeout=10)
+    assert all(seen[k][0][0] != leaving for k in keys)
+    assert all(seen[k][0][0] == owner[k] for k in keys if owner[k] != leaving)  # others stay
+
+
+def test_backpressure_bounds_the_backlog(make_node: Callable[..., Node]) -> None:
+    vent = make_node("vent", max_backlog=5)
+    for i in range(5):
+        vent.push("nobody.works.here", i)
+    with pytest.raises(Backpressure):
+        vent.push("nobody.works.here", 5, block=False)
+    t0 = time.monotonic()
+    with pytest.raises(MeshTimeout):
+        vent.push("nobody.works.here", 5, timeout=0.2)
+    assert 0.15 < time.monotonic() - t0 < 2
+    assert vent.stats()["tasks_backlog"] == 5
+    # a worker appears: the backlog drains and push accepts again
+    got = Collector()
+    worker = make_node("late", peers=[vent.address])
+    worker.worker("nobody.works.here")(got)
+    assert [m.body for m in got.wait(5)] == [0, 1, 2, 3, 4]
+    vent.push("nobody.works.here", 5, block=False)
+
+
+def test_local_worker_and_async_worker(make_node: Callable[..., Node]) -> None:
+    node = make_node("solo")
+    done = threading.Event()
+    bodies: list[int] = []
+
+    @node.worker("self.q", concurrency=2)
+    async def work(msg: Message) -> None:
+        bodies.append(msg.body)
+        if len(bodies) == 3:
+            done.set()
+
+    for i in range(3):
+        node.push("self.q", i)
+    assert done.wait(5)
+    node.wait_for_tasks(timeout=5)
+    assert sorted(bodies) == [0, 1, 2]
