@@ -7,6 +7,7 @@
     ├── NoPeerError                          nobody serves that queue or service
     ├── Backpressure                         a bounded queue is full (push(block=False))
     ├── RemoteError                          a remote handler raised; carries type, message, traceback
+    ├── PeerGone (also ConnectionError)      the peer handling a call left before it replied
     ├── NodeClosed (also RuntimeError)       you used a node after stop(), or before start()
     ├── ConfigError (also ValueError)        a bad argument: endpoint, pattern, option
     ├── EncodeError (also TypeError)         a body that cannot be encoded (names the type)
@@ -30,6 +31,7 @@ __all__ = [
     "MeshTimeout",
     "NoPeerError",
     "NodeClosed",
+    "PeerGone",
     "ProtocolVersionError",
     "RemoteError",
     "StorageError",
@@ -50,6 +52,10 @@ class NoPeerError(MeshError):
 
 class Backpressure(MeshError):
     """A bounded queue is full and the caller asked not to block."""
+
+
+class PeerGone(MeshError, ConnectionError):
+    """The server handling a call left (died or stopped) before it replied."""
 
 
 class NodeClosed(MeshError, RuntimeError):

@@ -62,7 +62,8 @@ tasks_*         pipelines: pushed, completed (acked or dead-lettered), redeliver
 deadlettered    tasks published on deadletter.<queue> after max_attempts failures
 late_acks       acks for tasks already given to another worker (counted, ignored)
 backpressure_rejects  push(block=False) calls refused with Backpressure
-calls_*         RPC: made, served, retried (server died, retry=True), failed_remote, pending
+calls_*         RPC: made, served, raised (our handler raised), retried (server died, retry=True),
+                failed_remote (a RemoteError came back), pending
 """
 
 

@@ -150,7 +150,9 @@ class Script:
         self.argv = argv
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=full_env, cwd=cwd)
-        self.lines: list[str] = []
+        self.lines: list[str] = []  # every line read so far (``wait``/``stop`` read them all)
+        self._pos = 0  # lines before this one have been consumed by ``expect``
+        self._eof = False
         self._q: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -165,30 +167,51 @@ class Script:
             self._q.put(line.rstrip("\n"))
         self._q.put(None)
 
+    def _pull(self, timeout: float) -> bool:
+        """Move one line from the reader into ``lines``; False at EOF or on timeout."""
+        if self._eof:
+            return False
+        try:
+            line = self._q.get(timeout=timeout) if timeout > 0 else self._q.get_nowait()
+        except queue.Empty:
+            return False
+        if line is None:
+            self._eof = True
+            return False
+        self.lines.append(line)
+        return True
+
     def expect(self, predicate: Callable[[str], bool] | str, timeout: float = 10.0) -> str:
-        """Wait for an output line that contains ``predicate`` (a str) or satisfies it."""
+        """Wait for an output line that contains ``predicate`` (a str) or satisfies it.
+
+        Lines are consumed in order: each call looks only at lines after the last match.
+        """
         test = (lambda s: predicate in s) if isinstance(predicate, str) else predicate
         deadline = time.monotonic() + timeout
         while True:
+            while self._pos < len(self.lines):
+                line = self.lines[self._pos]
+                self._pos += 1
+                if test(line):
+                    return line
+            if self._eof:
+                raise MeshTimeout(f"{self.argv} exited ({self.proc.wait()}) before a line "
+                                  f"matching {predicate!r}; output:\n" + "\n".join(self.lines[-30:]))
             left = deadline - time.monotonic()
             if left <= 0:
                 raise MeshTimeout(f"{self.argv}: no line matching {predicate!r} in {timeout}s; "
                                   f"output so far:\n" + "\n".join(self.lines[-30:]))
-            try:
-                line = self._q.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise MeshTimeout(f"{self.argv} exited ({self.proc.wait()}) before a line "
-                                  f"matching {predicate!r}; output:\n" + "\n".join(self.lines[-30:]))
-            self.lines.append(line)
-            if test(line):
-                return line
+            self._pull(min(left, 0.5))
+
+    def _read_all(self) -> None:
+        while self._pull(0):
+            pass
 
     def wait(self, timeout: float = 10.0) -> int:
         """Wait for the process to exit; return its exit code."""
         code = self.proc.wait(timeout)
         self._reader.join(timeout)
+        self._read_all()
         return code
 
     def stop(self, sig: int = 15, timeout: float = 10.0) -> int:
@@ -201,6 +224,7 @@ class Script:
                 self.proc.kill()
                 self.proc.wait(5)
         self._reader.join(5)
+        self._read_all()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return int(self.proc.returncode)

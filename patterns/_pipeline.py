@@ -50,6 +50,9 @@ class _Task:
     failures: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
     worker: str | None = None
+    # Called on the I/O thread once the task is finished (acknowledged or dead-lettered):
+    # an emitted task acknowledges the task that produced it only then (chained acks).
+    on_done: Callable[[], None] | None = None
 
 
 @dataclass
@@ -143,7 +146,8 @@ class Pipelines:
 
     # ---- the user's side ----------------------------------------------------------------------
     def push(self, queue: str, body: Any, key: Any = None, headers: dict[str, Any] | None = None,
-             block: bool = True, timeout: float | None = None, task_id: str | None = None) -> str:
+             block: bool = True, timeout: float | None = None, task_id: str | None = None,
+             on_done: Callable[[], None] | None = None) -> str:
         check_topic(queue)
         node = self.node
         node._require_running()
@@ -163,7 +167,7 @@ class Pipelines:
             self._outstanding[queue] = self._outstanding.get(queue, 0) + 1
             self.counters["tasks_pushed"] += 1
         tid = task_id or f"{node.id}-t{next(self._ids):x}"
-        task = _Task(tid, queue, payload, headers or {}, key, next(self._order))
+        task = _Task(tid, queue, payload, headers or {}, key, next(self._order), on_done=on_done)
         assert node.engine is not None
         node.engine.call(lambda: self._enqueue(task))
         return tid
@@ -280,6 +284,8 @@ class Pipelines:
         with self._cv:
             self._outstanding[task.queue] -= 1
             self._cv.notify_all()
+        if task.on_done is not None:
+            task.on_done()
 
     def _max_attempts(self, wid: str, queue: str) -> int:
         if wid == self.node.id and queue in self.workers:
@@ -335,18 +341,27 @@ class Pipelines:
                       0, task.deliveries, task.key)
         emit = lw.emit
 
+        def report(ok: bool, value: Any) -> None:
+            engine.call(lambda: self._report(source_id, task.queue, task.id, ok, value))
+
         def done(ok: bool, value: Any) -> None:
+            self.counters["tasks_worked"] += 1
             if ok and emit is not None:
-                try:  # a redelivered task emits under the same id: downstream can dedupe
+                # Chained acknowledgement: the task stays unacknowledged upstream until the
+                # next stage has acknowledged what it produced, so a worker that dies between
+                # the two loses nothing (it is redone, and re-emitted under the same id).
+                try:
                     self.push(emit, value, key=task.key, headers=task.headers,
-                              task_id=f"{task.id}>{emit}")
+                              task_id=f"{task.id}>{emit}",
+                              on_done=lambda: self._report(source_id, task.queue, task.id,
+                                                           True, None))
+                    return
                 except Exception as exc:  # noqa: BLE001 - not acknowledged: will be redone
                     ok, value = False, exc
             if not ok:
                 log.error("worker %s failed task %s (attempt %d)", task.queue, task.id,
                           task.deliveries, exc_info=value)
-            self.counters["tasks_worked"] += 1
-            engine.call(lambda: self._report(source_id, task.queue, task.id, ok, value))
+            report(ok, value)
 
         lw.pool.submit((msg,), {}, done)
 

@@ -21,7 +21,14 @@ from meshmq.patterns._pool import Pool, describe_error
 
 from meshmq._codec import decode, encode
 from meshmq._dispatch import HandlerSpec
-from meshmq._errors import DecodeError, MeshError, MeshTimeout, NoPeerError, RemoteError
+from meshmq._errors import (
+    DecodeError,
+    MeshError,
+    MeshTimeout,
+    NoPeerError,
+    PeerGone,
+    RemoteError,
+)
 from meshmq._peers import PeerInfo
 from meshmq._topics import check_topic
 
@@ -31,10 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["PeerGone", "Rpc"]
 
 log = logging.getLogger("meshmq")
-
-
-class PeerGone(MeshError, ConnectionError):
-    """The server handling a call left (died or stopped) before it replied."""
 
 
 @dataclass(eq=False)
@@ -60,7 +63,7 @@ class Rpc:
         self._ids = itertools.count(1)
         self._rr = itertools.count()
         self.counters = {"calls_made": 0, "calls_served": 0, "calls_retried": 0,
-                         "calls_failed_remote": 0}
+                         "calls_failed_remote": 0, "calls_raised": 0}
 
     # ---- plugin hooks -----------------------------------------------------------------------
     def bind(self, node: Node, spec: HandlerSpec, fn: Callable[..., Any]) -> bool:
@@ -263,6 +266,7 @@ class Rpc:
                 except MeshError as exc:
                     reply(False, describe_error(exc))
             else:
+                self.counters["calls_raised"] += 1  # the caller gets it as RemoteError
                 reply(False, describe_error(value))
 
         pool.submit(tuple(args), kwargs, done)
