@@ -59,7 +59,7 @@ def test_file_size_limit_refuses_the_append_and_keeps_the_log(tmp_path: Path) ->
     assert result["acked"] == list(range(whole))
     assert result["errno"] is not None and result["errno"] in (27, 28)  # EFBIG / ENOSPC
     assert result["failed"] is False  # a refused write is not fatal; only fsync failures are
-    assert result["after"] == ["%05d" % i for i in range(whole)]
+    assert result["after"] == [f"{i:05d}" for i in range(whole)]
     assert result["second"] == result["errno"]  # still refused while the disk is full
     assert result["resumed"] == whole  # the next offset, nothing skipped
     from meshmq.durability import Log
