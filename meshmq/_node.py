@@ -291,6 +291,8 @@ class Node:
     def _bind(self, spec: HandlerSpec, fn: Callable[..., Any]) -> None:
         label = f"{spec.kind}:{spec.name}:{getattr(fn, '__qualname__', type(fn).__name__)}"
         if spec.kind == "subscribe":
+            if spec.options.get("replay") is not None:  # meshmq.durability: replay, then live
+                fn = self._journal_client().replaying(spec, fn)
             runner = make_runner(fn, label, self.max_pending, self._handler_loop)
             self._runners.append(runner)
             self._subs = [*self._subs, (spec.name, matcher(spec.name), runner)]
@@ -435,12 +437,15 @@ class Node:
         return int(self.wait_until(lambda: (n := self.subscribers(topic)) >= count and n,
                                    timeout, f"{count} subscriber(s) of {topic!r}"))
 
-    def publish(self, topic: str, body: Any = None, headers: dict[str, Any] | None = None
-                ) -> str:
+    def publish(self, topic: str, body: Any = None, headers: dict[str, Any] | None = None,
+                *, confirm: bool = False, timeout: float = 5.0) -> str:
         """Send ``body`` to every subscriber of ``topic``; return the message id.
 
         Never blocks: past the high-water mark of a slow subscriber, messages to it are
-        dropped by ZeroMQ, and the subscriber counts the gap.
+        dropped by ZeroMQ, and the subscriber counts the gap. With ``confirm=True`` (meshmq.
+        durability), also returns only once a journal covering ``topic`` has the message on
+        disk per its fsync policy, resending it (same id) if the journal restarts; raises
+        :class:`MeshTimeout` after ``timeout`` seconds.
         """
         raw = self._topics.get(topic)
         if raw is None:
@@ -465,7 +470,30 @@ class Node:
             msg = Message(topic, body, headers or {}, msg_id, self.name, self.id, seq, ts)
             for r in runners:
                 r.submit([msg])
+        if confirm:  # meshmq.durability: wait for a journal to have it on disk
+            self._journal_client().confirm(topic, body, headers, msg_id, seq, ts, timeout)
         return msg_id
+
+    # ---- journal (meshmq.durability) ---------------------------------------------------------
+    def replay(self, pattern: str, since: Any = "earliest", until: Any = None,
+               **options: Any) -> Any:
+        """Iterate the stored messages matching ``pattern`` from a journal (meshmq.durability).
+
+        ``since``: "earliest", "latest", a journal offset or a datetime; ``until``: None (the
+        journal's end now), an offset or a datetime. Pulled in batches (flow control).
+        """
+        return self._journal_client().replay(pattern, since, until, **options)
+
+    def _journal_client(self) -> Any:
+        client = getattr(self, "_journal", None)
+        if client is None:
+            from meshmq.durability._client import JournalClient
+            with self.state_lock:
+                client = getattr(self, "_journal", None)
+                if client is None:
+                    client = self._journal = JournalClient(self)
+                    self._plugins.append(client)
+        return client
 
     def _require_running(self) -> None:
         if self._state != "running":
