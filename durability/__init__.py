@@ -5,6 +5,7 @@ is pure and usable on any byte stream. The on-disk format is in docs/STORAGE.md.
 """
 
 from ._config import DEFAULT_INDEX_INTERVAL_BYTES, DEFAULT_SEGMENT_BYTES, LogConfig, parse_fsync
+from ._journal import Journal
 from ._log import Log
 from ._record import (
     DEFAULT_MAX_RECORD_BYTES,
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_MAX_RECORD_BYTES",
     "DEFAULT_SEGMENT_BYTES",
     "HEADER_SIZE",
+    "Journal",
     "Log",
     "LogConfig",
     "RECORD_VERSION",

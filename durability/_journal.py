@@ -101,6 +101,8 @@ class Journal:
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Journal:
         """Start the writer, then the node (subscriptions and services). Returns self."""
+        if self._writer is not None:
+            return self
         self._writer = threading.Thread(target=self._write_loop, name="meshmq-journal-writer",
                                         daemon=True)
         self._writer.start()
