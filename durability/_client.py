@@ -72,7 +72,12 @@ class JournalClient:
     def __init__(self, node: Node) -> None:
         self.node = node
         self._replayers: list[_ReplayThenLive] = []
-        self.counters = {"confirmed": 0, "confirm_resends": 0, "replayed": 0}
+        #: confirmed: confirm=True publishes acknowledged; confirm_resends: append calls
+        #: repeated (journal gone or refusing); replayed: stored messages delivered by replay;
+        #: replay_live / replay_skipped: live messages delivered / dropped as already replayed
+        #: by replay-then-live subscribers.
+        self.counters = {"confirmed": 0, "confirm_resends": 0, "replayed": 0, "replay_live": 0,
+                         "replay_skipped": 0}
 
     # ---- plugin hooks (see Node._plugins) ----------------------------------------------------
     def bind(self, node: Node, spec: HandlerSpec, fn: Callable[..., Any]) -> bool:
@@ -221,8 +226,7 @@ class _ReplayThenLive:
         self._seen: dict[tuple[str, str], int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.replayed = 0
-        self.skipped = 0
+        self._counters = client.counters
 
     def __call__(self, msg: Message) -> None:
         if not self._live:
@@ -230,14 +234,15 @@ class _ReplayThenLive:
                 if not self._live:
                     self._buffer.append(msg)
                     return
-        self._deliver(msg)
+        self._deliver(msg, "replay_live")
 
-    def _deliver(self, msg: Message) -> None:
+    def _deliver(self, msg: Message, kind: str) -> None:
         key = (msg.source_id, msg.topic)
         if msg.seq <= self._seen.get(key, 0):
-            self.skipped += 1
+            self._counters["replay_skipped"] += 1
             return
         self._seen[key] = msg.seq
+        self._counters[kind] += 1
         self.fn(msg)
 
     def start(self) -> None:
@@ -275,9 +280,7 @@ class _ReplayThenLive:
         while not self._stop.is_set():
             res = node.call(read, offset, self.pattern, None, 1000)
             for _, _, payload in res["records"]:
-                self._deliver(decode_entry(payload))
-                self.replayed += 1
-            client.counters["replayed"] += len(res["records"])
+                self._deliver(decode_entry(payload), "replayed")
             offset = res["next"]
             if offset < res["end"]:
                 continue
@@ -294,8 +297,7 @@ class _ReplayThenLive:
                 while True:
                     res = node.call(read, offset, self.pattern, None, 1000)
                     for _, _, payload in res["records"]:
-                        self._deliver(decode_entry(payload))
-                        self.replayed += 1
+                        self._deliver(decode_entry(payload), "replayed")
                     offset = res["next"]
                     if offset >= res["end"]:
                         return
@@ -311,6 +313,6 @@ class _ReplayThenLive:
     def _go_live(self) -> None:
         with self._lock:
             for msg in self._buffer:
-                self._deliver(msg)
+                self._deliver(msg, "replay_live")
             self._buffer = []
             self._live = True
