@@ -283,7 +283,9 @@ class DocPeer:
         while time.monotonic() < deadline:
             self.send("hello", self.offer())
             if self.dealer.poll(250):
-                return self.recv({"welcome"})
+                welcome = self.recv({"welcome"})
+                self.node_id = welcome["id"]
+                return welcome
         raise AssertionError("no welcome")
 
     def recv(self, kinds: Iterable[str], timeout: float = 3.0) -> dict[str, Any]:
@@ -378,7 +380,6 @@ def test_doc_peer_dials_a_node() -> None:
     try:
         # 8: handshake; 7.2: the welcome is the node's offer
         welcome = peer.hello(node.address)
-        peer.node_id = node.id
         assert list(welcome) == OFFER_KEYS
         assert welcome["id"] == node.id and welcome["name"] == "proto-node"
         assert welcome["subs"] == ["orders.*"] and welcome["sv"] >= 1
