@@ -228,3 +228,38 @@ def test_replay_latest_is_just_live(make_journal: Callable[..., Journal],
     pub.wait_for_subscribers("orders.a", count=2, timeout=5)
     pub.publish("orders.a", "new")
     assert [m.body for m in got.wait(1)] == ["new"]
+
+
+def test_fsync_failure_is_fatal_for_the_journal(make_journal: Callable[..., Journal],
+                                                make_node: Callable[..., Node],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    journal = make_journal()
+    pub = make_node("pub", peers=[journal.address])
+    pub.publish("orders.x", 0, confirm=True)
+
+    class BadSync:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(os, name)
+
+        def fdatasync(self, fd: int) -> None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        fsync = fdatasync
+
+    monkeypatch.setattr(fileio, "os", BadSync())
+    with pytest.raises(MeshTimeout):
+        pub.publish("orders.x", 1, confirm=True, timeout=0.5)
+    assert journal.failed.wait(5) and journal.log.failed
+    from meshmq import StorageError
+    assert isinstance(journal.error, StorageError)
+    monkeypatch.setattr(fileio, "os", os)
+    # Never retried, never acknowledged again, even with a healthy disk.
+    with pytest.raises(MeshTimeout):
+        pub.publish("orders.x", 2, confirm=True, timeout=0.5)
+    assert journal.stats()["acks"] == 1
+    # run() stops and re-raises the error (what makes `meshmq journal` exit 3).
+    with pytest.raises(StorageError):
+        journal.run(every=0.05)
