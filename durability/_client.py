@@ -157,14 +157,18 @@ class JournalClient:
 
     # ---- replay (pull) -------------------------------------------------------------------------
     def replay(self, pattern: str, since: Any = "earliest", until: Any = None, *,
-               batch: int = 1000, timeout: float = 5.0) -> Iterator[Message]:
+               batch: int = 1000, timeout: float = 5.0, pace: str = "fast"
+               ) -> Iterator[Message]:
         """Yield stored messages matching ``pattern`` from ``since`` up to ``until``.
 
         ``until``: None (the journal's end when the replay starts), an offset (exclusive) or a
         datetime/float time. Batches are pulled one at a time, so a slow reader holds at most
-        one batch and the journal buffers nothing for it.
+        one batch and the journal buffers nothing for it. ``pace="original"`` spaces the
+        messages as they were published (by their timestamps); "fast" does not wait.
         """
         check_pattern(pattern)
+        if pace not in ("fast", "original"):
+            raise ConfigError(f'pace must be "fast" or "original", not {pace!r}')
         start = since_value(since)
         self.node._require_running()
         journal = self.wait_journal(pattern, timeout)
@@ -179,7 +183,8 @@ class JournalClient:
         else:
             end = call(read, 0, None, 0, 1, 1, since=since_value(until),
                        timeout=timeout)["next"]
-        return self._pull(read, pattern, offset, end, batch, timeout)
+        messages = self._pull(read, pattern, offset, end, batch, timeout)
+        return _paced(messages) if pace == "original" else messages
 
     def _pull(self, read: str, pattern: str, offset: int, end: int, batch: int,
               timeout: float) -> Iterator[Message]:
@@ -202,6 +207,20 @@ class JournalClient:
         if self.node.running:
             wrapper.start()
         return wrapper
+
+
+def _paced(messages: Iterator[Message]) -> Iterator[Message]:
+    """Yield ``messages`` no faster than their timestamps say they were published."""
+    wait = threading.Event().wait
+    origin: tuple[float, float] | None = None
+    for msg in messages:
+        if origin is None:
+            origin = (msg.timestamp, time.monotonic())
+        else:
+            due = origin[1] + (msg.timestamp - origin[0])
+            if (delay := due - time.monotonic()) > 0:
+                wait(delay)
+        yield msg
 
 
 class _ReplayThenLive:

@@ -263,3 +263,23 @@ def test_fsync_failure_is_fatal_for_the_journal(make_journal: Callable[..., Jour
     # run() stops and re-raises the error (what makes `meshmq journal` exit 3).
     with pytest.raises(StorageError):
         journal.run(every=0.05)
+
+
+def test_replay_at_the_original_pace(make_journal: Callable[..., Journal],
+                                     make_node: Callable[..., Node]) -> None:
+    import time
+
+    journal = make_journal()
+    pub = make_node("pub", peers=[journal.address])
+    t0 = time.monotonic()
+    for i in range(4):
+        pub.publish("orders.a", i, confirm=True)
+        if i < 3:
+            threading.Event().wait(0.1)  # the original spacing to reproduce
+    published = time.monotonic() - t0
+    start = time.monotonic()
+    assert [m.body for m in pub.replay("orders.>", pace="original")] == [0, 1, 2, 3]
+    assert time.monotonic() - start >= 0.3 - 0.02 and published >= 0.3
+    start = time.monotonic()
+    assert len(list(pub.replay("orders.>"))) == 4
+    assert time.monotonic() - start < 0.25  # "fast" does not wait
