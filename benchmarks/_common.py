@@ -122,7 +122,13 @@ def _child_main(target: Callable[..., None], conn: Connection, *args: Any) -> No
 
 def serve(conn: Connection, handlers: dict[str, Callable[..., Any]], idle_timeout: float = 120.0
           ) -> None:
-    """A child's command loop: ``(cmd, *args)`` in, the handler's return value out, until stop."""
+    """A child's command loop: ``(cmd, *args)`` in, the handler's return value out, until stop.
+
+    Every child also answers ``cpu``: the CPU seconds its process (all threads) has used, so the
+    parent can put a CPU cost on each message, which the machine's noise disturbs far less than
+    a rate.
+    """
+    handlers = {"cpu": time.process_time, **handlers}
     while True:
         if not conn.poll(idle_timeout):
             raise BenchError(f"no command from the parent for {idle_timeout}s")
@@ -246,9 +252,32 @@ def print_table(title: str, results: Sequence[Result]) -> None:
               f"{fmt(median(r.meshmq), r.unit):>8} {fmt(median(r.raw), r.unit):>8} "
               f"{r.ratio:>6.2f}  {r.aim_text:<7} {r.verdict:<10} "
               f"{spread(r.meshmq, r.unit)} | {spread(r.raw, r.unit)}")
-        if r.note:
-            print(f"  {'':<32} {r.note}")
+        for line in r.note.splitlines():
+            print(f"  {'':<32} {line}")
     print(flush=True)
+
+
+class CpuMeter:
+    """CPU microseconds per message of some children, summed over rounds: ``with meter(n):``."""
+
+    def __init__(self, *children: Child) -> None:
+        self.children = children
+        self.cpu = [0.0] * len(children)
+        self.messages = 0
+
+    def start(self) -> list[float]:
+        return [c.ask("cpu") for c in self.children]
+
+    def stop(self, before: list[float], messages: int) -> None:
+        for i, c in enumerate(self.children):
+            self.cpu[i] += c.ask("cpu") - before[i]
+        self.messages += messages
+
+    def per_message(self) -> list[float]:
+        return [1e6 * c / self.messages if self.messages else float("nan") for c in self.cpu]
+
+    def text(self, *names: str) -> str:
+        return " + ".join(f"{n} {v:.1f}" for n, v in zip(names, self.per_message(), strict=True))
 
 
 def emit(results: Sequence[Result]) -> None:

@@ -1,7 +1,8 @@
 """Pipeline throughput: meshmq push -> worker (acknowledged) vs raw pyzmq with the same envelope.
 
 A pusher process and a worker process on 127.0.0.1. Each round the pusher pushes 64 B tasks for at
-most --seconds (and at most 200k) and the figure is tasks per second from the first push to:
+most --seconds (and at most 200k raw, 5k meshmq) and the figure is tasks per second from the first
+push to:
 
 - meshmq: ``wait_for_tasks`` returning, i.e. every task acknowledged by the worker's handler;
 - raw PUSH -> PULL (the issue's baseline): the worker decoding the last task. No acknowledgement
@@ -30,6 +31,7 @@ from _common import (
     NOBLOCK,
     SNDMORE,
     Child,
+    CpuMeter,
     Result,
     add_common_args,
     check_same_envelope,
@@ -42,7 +44,9 @@ from _common import (
     unpack,
 )
 
-N_MAX = 200_000
+N_MAX = 200_000          # raw rounds: at most this many tasks (and --seconds of pushing)
+MESH_N_MAX = 5_000       # meshmq rounds: tasks queue up to max_backlog (10k) at once, and
+                         # draining them all at a few k/s would make rounds of several seconds
 QUIET = 0.3
 FIRST_WAIT = 10.0
 SIZE = 64
@@ -286,27 +290,39 @@ def main(argv: list[str] | None = None) -> int:
         children.append(rw)
         rw.recv()
         rp.ask("wait", "")
+        mesh_cpu = {w: CpuMeter(mp, mw) for w in WINDOWS}
+        acked_cpu = {w: CpuMeter(rp, rw) for w in WINDOWS}
+        pull_cpu = CpuMeter(rp, rw)
         bound = seconds + 90
         for _ in range(repeats):
+            before = pull_cpu.start()
             rw.ask("pull", N_MAX)
             sent, t0, _ = rp.ask("push", "bench.raw", N_MAX, seconds, timeout=bound)
             got, last = rw.recv(timeout=bound)
+            pull_cpu.stop(before, got)
             raw_pull.append(got / (last - t0) if got and last > t0 else 0.0)
             for w in WINDOWS:
-                n, t0, t1 = mp.ask("go", _queue(w), N_MAX, seconds, timeout=bound)
+                before = mesh_cpu[w].start()
+                n, t0, t1 = mp.ask("go", _queue(w), MESH_N_MAX, seconds, timeout=bound)
+                mesh_cpu[w].stop(before, n)
                 mesh[w].append(n / (t1 - t0))
+                before = acked_cpu[w].start()
                 rw.ask("acked", N_MAX)
                 n, t0, t1 = rp.ask("acked", w, N_MAX, seconds, timeout=bound)
                 rw.recv(timeout=bound)
+                acked_cpu[w].stop(before, n)
                 acked[w].append(n / (t1 - t0))
     finally:
         for child in reversed(children):
             child.close()
     results = [Result("pipeline", f"push->worker, concurrency={w}", "msg/s", True,
-                      mesh[w], raw_pull, aim=0.5, baseline="raw PUSH/PULL (no acks)")
+                      mesh[w], raw_pull, aim=0.5, baseline="raw PUSH/PULL (no acks)",
+                      note=f"CPU us per task: meshmq {mesh_cpu[w].text('pusher', 'worker')}; "
+                           f"raw PUSH/PULL {pull_cpu.text('pusher', 'worker')}")
                for w in WINDOWS]
     results += [Result("pipeline", f"push->worker, concurrency={w}", "msg/s", True,
-                       mesh[w], acked[w], baseline=f"raw ROUTER/DEALER acked w={w}")
+                       mesh[w], acked[w], baseline=f"raw ROUTER/DEALER acked w={w}",
+                       note=f"CPU us per task: raw acked {acked_cpu[w].text('pusher', 'worker')}")
                 for w in WINDOWS]
     print_table(f"pipeline: push -> worker vs raw pyzmq, same envelope, separate processes, "
                 f"{SIZE} B tasks, median of {repeats} x {seconds:g} s rounds", results)

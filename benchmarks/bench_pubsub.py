@@ -23,6 +23,7 @@ from _common import (
     HWM,
     SNDMORE,
     Child,
+    CpuMeter,
     Result,
     add_common_args,
     check_same_envelope,
@@ -212,12 +213,15 @@ class Pair:
         self.sub = Child(f"{impl}-subscriber", sub_target, address)
         self.sub.recv()
         self.pub.ask("wait", TOPIC)
+        self.cpu = {size: CpuMeter(self.pub, self.sub) for size in SIZES}
 
     def round(self, size: int, seconds: float) -> tuple[float, int, int]:
         """One round: (delivered msgs/s, sent, delivered)."""
+        before = self.cpu[size].start()
         self.sub.ask("run", N_MAX)
         sent, t0, _ = self.pub.ask("go", size, N_MAX, seconds, timeout=seconds + 30)
         got, last, _ = self.sub.recv(timeout=FIRST_WAIT + 60)
+        self.cpu[size].stop(before, got)
         return (got / (last - t0) if got and last > t0 else 0.0), sent, got
 
     def close(self) -> None:
@@ -253,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         r.note = "delivered/sent: " + ", ".join(
             f"{impl} {got}/{sent} ({100 * (1 - got / sent) if sent else 0:.1f}% lost)"
             for impl in ("meshmq", "raw") for sent, got in [totals[impl, size]])
+        r.note += "\nCPU us per message: " + "; ".join(
+            f"{p.impl} {p.cpu[size].text('pub', 'sub')}" for p in pairs)
     print_table(f"pub/sub: Node -> Node vs raw XPUB -> SUB, same msgpack envelope, separate "
                 f"processes, median of {repeats} x {seconds:g} s rounds",
                 list(results.values()))

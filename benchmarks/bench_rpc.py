@@ -35,6 +35,7 @@ from _common import (
     NOBLOCK,
     BenchError,
     Child,
+    CpuMeter,
     Result,
     add_common_args,
     check_same_envelope,
@@ -404,15 +405,26 @@ def main(argv: list[str] | None = None) -> int:
         children.append(rc)
         for child in (mc, ma, rc):
             child.recv()
+        seq_cpu = {"meshmq": CpuMeter(mc, ms), "raw": CpuMeter(rc, rs)}
+        pipe_cpu = {"meshmq": CpuMeter(ma, ms), "raw": CpuMeter(rc, rs)}
         bound = seconds + 60
         for _ in range(repeats):
             for impl, client in (("meshmq", mc), ("raw", rc)):
-                a, b = _percentiles(client.ask("seq", SEQ_MAX, seconds, timeout=bound))
+                before = seq_cpu[impl].start()
+                lat = client.ask("seq", SEQ_MAX, seconds, timeout=bound)
+                seq_cpu[impl].stop(before, len(lat) + WARMUP)
+                a, b = _percentiles(lat)
                 getattr(p50, impl).append(a)
                 getattr(p99, impl).append(b)
             for impl, client in (("meshmq", ma), ("raw", rc)):
+                before = pipe_cpu[impl].start()
                 n, elapsed = client.ask("pipe", INFLIGHT, PIPE_MAX, seconds, timeout=bound)
+                pipe_cpu[impl].stop(before, n)
                 getattr(pipe, impl).append(n / elapsed)
+        p50.note = "CPU us per call: " + "; ".join(
+            f"{k} {m.text('client', 'server')}" for k, m in seq_cpu.items())
+        pipe.note = "CPU us per call: " + "; ".join(
+            f"{k} {m.text('client', 'server')}" for k, m in pipe_cpu.items())
     finally:
         for child in reversed(children):
             child.close()
