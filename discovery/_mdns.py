@@ -14,6 +14,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,12 @@ _CALL_TIMEOUT = 10.0
 _STOP_TIMEOUT = 3.0
 # RFC 1035 §2.3.4 / RFC 6763 §4.1.1: an instance label is at most 63 bytes.
 _MAX_LABEL_BYTES = 63
+# A responder may send an answer it queued (20-120 ms of aggregation, RFC 6762 §6, or a
+# second and more under the §14 rate limit) after its goodbye. python-zeroconf then sees the
+# service added again, with a TTL of 75 min, and no later goodbye removes it. Announcements of
+# a service this soon after its goodbye are such leftovers: ignore them. (Our instance
+# names carry the node id, and a node never registers twice, so nothing real is lost.)
+_GOODBYE_QUARANTINE = 3.0
 
 _T = TypeVar("_T")
 
@@ -98,7 +105,7 @@ class MdnsDiscovery:
     def __init__(
         self,
         interfaces: str | Sequence[str] | None = None,
-        group: str = "default",
+        group: str | None = "default",
         *,
         on_join: Callback | None = None,
         on_leave: Callback | None = None,
@@ -106,11 +113,15 @@ class MdnsDiscovery:
         max_peers: int = 1024,
         probe: bool = False,
     ) -> None:
-        """Check arguments (ConfigError); nothing touches the network before start()."""
+        """Check arguments (ConfigError); nothing touches the network before start().
+
+        ``group=None`` sees the nodes of every group; it is for browsing (``start(None)``) only.
+        """
         self._interfaces = resolve_interfaces(interfaces)
-        problem = _text_problem("group", group, MAX_GROUP_BYTES, empty_ok=False)
-        if problem is not None:
-            raise ConfigError(problem)
+        if group is not None:
+            problem = _text_problem("group", group, MAX_GROUP_BYTES, empty_ok=False)
+            if problem is not None:
+                raise ConfigError(problem)
         if type(max_peers) is not int or max_peers < 1:
             raise ConfigError(f"max_peers must be a positive int, got {max_peers!r}")
         self.group = group
@@ -136,6 +147,7 @@ class MdnsDiscovery:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._dirty: dict[str, str] = {}  # changed again while being resolved
         self._waiting: OrderedDict[str, str] = OrderedDict()
+        self._goodbyes: OrderedDict[str, float] = OrderedDict()  # key -> when it said goodbye
         self._closing = False
 
     # ----------------------------------------------------------------- public API
@@ -145,30 +157,34 @@ class MdnsDiscovery:
         """Return the interface choice: a list of IPv4 addresses, or "all"."""
         return self._interfaces
 
-    def start(self, advert: Advert, bind_addresses: Sequence[str] | None = None) -> None:
-        """Register our service (A records: bind_addresses, default the chosen interfaces) and browse."""
+    def start(self, advert: Advert | None, bind_addresses: Sequence[str] | None = None) -> None:
+        """Register our service (A records: bind_addresses, default the chosen interfaces) and browse.
+
+        With ``advert=None`` only browse: nothing is registered, so nobody sees us (the CLI).
+        """
         with self._life:
             if self._state != "new":
                 raise NodeClosed(f"MdnsDiscovery is {self._state}; it can be started once")
-            if not isinstance(advert, Advert):
+            if advert is not None and not isinstance(advert, Advert):
                 raise ConfigError(f"advert must be an Advert, got {type(advert).__name__}")
-            if advert.group != self.group:
+            if advert is not None and advert.group != self.group:
                 raise ConfigError(f"advert group {advert.group!r} is not {self.group!r}")
             self._networks = local_networks(self._interfaces)
             if not self._networks:
                 raise ConfigError("no IPv4 interface to run mDNS on")
-            addresses = _check_bind(bind_addresses, self._networks)
-            self._advert = advert
-            self._view.self_id = advert.node_id
             self._view.networks = self._networks
-            self._info = ServiceInfo(
-                SERVICE_TYPE,
-                f"{instance_label(advert)}.{SERVICE_TYPE}",
-                port=advert.port,
-                properties=encode_advert(advert),
-                server=f"meshmq-{advert.node_id[:16]}.local.",
-                parsed_addresses=addresses,
-            )
+            if advert is not None:
+                addresses = _check_bind(bind_addresses, self._networks)
+                self._advert = advert
+                self._view.self_id = advert.node_id
+                self._info = ServiceInfo(
+                    SERVICE_TYPE,
+                    f"{instance_label(advert)}.{SERVICE_TYPE}",
+                    port=advert.port,
+                    properties=encode_advert(advert),
+                    server=f"meshmq-{advert.node_id[:16]}.local.",
+                    parsed_addresses=addresses,
+                )
             try:
                 self._zc = Zeroconf(
                     interfaces=(
@@ -191,8 +207,10 @@ class MdnsDiscovery:
     def update(self, advert: Advert) -> None:
         """Publish a new TXT (e.g. offers changed); node_id and group must stay the same."""
         with self._life:
-            if self._state != "running" or self._info is None or self._advert is None:
+            if self._state != "running":
                 raise NodeClosed(f"MdnsDiscovery is {self._state}, not running")
+            if self._info is None or self._advert is None:
+                raise ConfigError("this MdnsDiscovery only browses; it has no advert to update")
             if not isinstance(advert, Advert):
                 raise ConfigError(f"advert must be an Advert, got {type(advert).__name__}")
             if advert.node_id != self._advert.node_id or advert.group != self._advert.group:
@@ -209,6 +227,11 @@ class MdnsDiscovery:
             self._call(self._async_update(info), _CALL_TIMEOUT)
             self._info = info
             self._advert = advert
+
+    @property
+    def advert(self) -> Advert | None:
+        """Return what we advertise now (None before start() or when only browsing)."""
+        return self._advert
 
     def sightings(self) -> list[Sighting]:
         """Return the current view: the resolved peers of our group, in join order."""
@@ -268,8 +291,8 @@ class MdnsDiscovery:
                 dispatcher.join(_STOP_TIMEOUT)
         self._view.close()
 
-    async def _async_start(self, info: ServiceInfo) -> None:
-        """Browse first (so no announcement is missed), then register our service."""
+    async def _async_start(self, info: ServiceInfo | None) -> None:
+        """Browse first (so no announcement is missed), then register our service (if any)."""
         zc = self._zc
         assert zc is not None
         # QM questions: with several mDNS stacks on one host sharing port 5353, a unicast
@@ -277,6 +300,8 @@ class MdnsDiscovery:
         self._browser = AsyncServiceBrowser(
             zc, [SERVICE_TYPE], handlers=[self._on_change], question_type=DNSQuestionType.QM
         )
+        if info is None:
+            return
         # Returns once registered; the three announcements (RFC 6762 §8.3) go on in a task.
         self._announce = asyncio.ensure_future(
             await zc.async_register_service(
@@ -330,8 +355,17 @@ class MdnsDiscovery:
                 task.cancel()
             self._dirty.pop(key, None)
             self._waiting.pop(key, None)
+            self._goodbyes[key] = time.monotonic()
+            self._goodbyes.move_to_end(key)
+            while len(self._goodbyes) > self._max_peers:
+                self._goodbyes.popitem(last=False)
             self._events.put(_Removed(key))
         else:
+            gone = self._goodbyes.pop(key, None)
+            if gone is not None and time.monotonic() - gone < _GOODBYE_QUARANTINE:
+                self._goodbyes[key] = gone
+                self._view.count("ignored_stale")
+                return
             self._want(key, name)
 
     def _want(self, key: str, name: str) -> None:
@@ -356,9 +390,14 @@ class MdnsDiscovery:
         """Fetch SRV, TXT and A (from the cache when the announcement carried them)."""
         assert self._zc is not None
         info = AsyncServiceInfo(SERVICE_TYPE, name)
-        if await info.async_request(
+        found = await info.async_request(
             self._zc, _RESOLVE_TIMEOUT_MS, question_type=DNSQuestionType.QM
-        ):
+        )
+        if self._inflight.get(key) is not asyncio.current_task():
+            # Removed (goodbye) while resolving: zeroconf may finish a cancelled request from
+            # its cache all the same, and that stale result must not bring the service back.
+            return
+        if found:
             addresses = info.parsed_addresses(IPVersion.V4Only)
             self._events.put(_Resolved(key, name, dict(info.properties), addresses))
         else:

@@ -33,6 +33,7 @@ STAT_KEYS = (
     "ignored_unreachable",  # resolutions without a usable IPv4 address
     "view_full",  # valid peers kept out because max_peers was reached
     "unresolved",  # services whose SRV/TXT/A did not all arrive in time
+    "ignored_stale",  # announcements of a service in the seconds after its goodbye
     "dropped",  # services not even resolved because too many were waiting
 )
 
@@ -55,11 +56,11 @@ Callback = Callable[[Sighting], None]
 
 
 class PeerView:
-    """Peers of one group keyed by service name, at most max_peers; the rest wait, deferred."""
+    """Peers of one group (None: any group) keyed by service name, at most max_peers; the rest wait."""
 
     def __init__(
         self,
-        group: str,
+        group: str | None,
         max_peers: int,
         on_join: Callback | None = None,
         on_leave: Callback | None = None,
@@ -116,7 +117,7 @@ class PeerView:
         if advert.node_id == self.self_id:
             self.count("ignored_self")
             return
-        if advert.group != self.group:
+        if self.group is not None and advert.group != self.group:
             self._reject(key, "ignored_other_group")
             return
         ordered = order_addresses(addresses, self.networks)

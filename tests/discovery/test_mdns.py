@@ -287,3 +287,16 @@ def test_rfc6762_probing_can_be_turned_on(group: str, local: Local, tools: Any) 
         d.start(advert)
         assert time.monotonic() - t0 < 5.0
         rec.wait("join", advert.node_id, timeout=5)
+
+
+def test_an_announcement_right_after_a_goodbye_is_a_leftover(group: str) -> None:
+    """A responder may send an answer it had queued after its goodbye: it must not count."""
+    from meshmq.discovery import SERVICE_TYPE
+    from zeroconf import ServiceStateChange
+
+    d = MdnsDiscovery(LOOPBACK, group)  # never started: feed the browser handler by hand
+    name = f"gone-0123abcd.{SERVICE_TYPE}"
+    d._on_change(None, SERVICE_TYPE, name, ServiceStateChange.Removed)
+    d._on_change(None, SERVICE_TYPE, name, ServiceStateChange.Added)
+    assert d.stats()["ignored_stale"] == 1
+    assert d._inflight == {} and d._waiting == {}
