@@ -401,6 +401,23 @@ class Engine:
     def dial(self, address: str) -> None:
         self.call(lambda: self._dial(address))
 
+    def forget(self, node_id: str | None, address: str | None = None) -> None:
+        """Drop peer ``node_id`` now and stop dialling ``address`` (mDNS said it is gone).
+
+        Thread-safe. A link that meanwhile reached another node (a new incarnation on the
+        same port) is kept.
+        """
+        def run() -> None:
+            if node_id is not None and node_id in self.peers:
+                self._remove_peer(node_id, "goodbye")
+            link = self._links.get(address) if address else None
+            if link is not None and link.peer_id in (None, node_id):
+                del self._links[link.address]
+                del self._link_by_sock[link.sock]
+                self.poller.unregister(link.sock)
+                link.sock.close()
+        self.call(run)
+
     def _dial(self, address: str) -> None:
         if address in self._links or address == self.address:
             return

@@ -83,7 +83,7 @@ class Node:
             node.publish("orders.created", {"id": 1})
     """
 
-    def __init__(self, name: str, peers: list[str] | None = None, host: str = "127.0.0.1",
+    def __init__(self, name: str, peers: list[str] | None = None, host: str | None = None,
                  port: int = 0, *, discovery: str | None = None, group: str | None = None,
                  interfaces: list[str] | None = None, timing: Timing | None = None,
                  hwm: int = 100_000, max_message_bytes: int = MAX_MESSAGE_BYTES,
@@ -97,6 +97,9 @@ class Node:
             raise ConfigError(f"discovery must be 'static' or 'mdns', not {discovery!r}")
         self.name = name
         self.id = uuid.uuid4().hex[:16]
+        if host is None:  # static: loopback; mDNS: where discovery runs (see docs/DISCOVERY.md)
+            from meshmq._mdns_glue import default_host
+            host = default_host(interfaces) if discovery == "mdns" else "127.0.0.1"
         self.host = host
         self.port = port
         self.discovery = discovery
@@ -188,11 +191,6 @@ class Node:
             return
         self._state = "stopping"
         deadline = time.monotonic() + (self.timing.stop_timeout if timeout is None else timeout)
-        if self._discovery is not None:
-            try:
-                self._discovery.stop()
-            except Exception:  # noqa: BLE001 - stopping must go on
-                log.exception("stopping discovery failed")
         for plugin in reversed(self._plugins):
             try:
                 plugin.stop(self)
@@ -200,6 +198,13 @@ class Node:
                 log.exception("stopping %r failed", plugin)
         if self.engine is not None:
             self.engine.stop(max(0.5, deadline - time.monotonic()))
+        if self._discovery is not None:
+            # Withdraw the mDNS record last: peers have had our BYE, so its goodbye cannot
+            # overtake our last pings (a peer would answer RESET and we would say hello again).
+            try:
+                self._discovery.stop()
+            except Exception:  # noqa: BLE001 - stopping must go on
+                log.exception("stopping discovery failed")
         for runner in [*self._runners, getattr(self, "_events", None)]:
             if runner is not None and not runner.close(max(0.05, deadline - time.monotonic())):
                 log.warning("handler %s still busy after stop timeout", runner.label)

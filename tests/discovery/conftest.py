@@ -22,9 +22,16 @@ from typing import Any, TypeVar
 import pytest
 from meshmq.discovery import Advert, MdnsDiscovery, Sighting
 
+from meshmq import MeshTimeout, Node, Timing
+from meshmq.testing import Script
+
 PEER_SCRIPT = Path(__file__).with_name("_peer.py")
+MESH_NODE = Path(__file__).with_name("_mesh_node.py")
 LOOPBACK = ["127.0.0.1"]
 T = TypeVar("T")
+# Quick heartbeats (as tests/conftest.py's QUICK): a silent peer is gone after 0.8 s.
+QUICK = Timing(heartbeat_interval=0.1, peer_timeout=0.8, hello_interval=0.1, tick=0.05,
+               stop_timeout=2.0, linger=0.1)
 
 
 def new_id() -> str:
@@ -225,6 +232,75 @@ def node_cfg(group: str, name: str = "peer", **extra: Any) -> dict[str, Any]:
     return cfg
 
 
+def find_line(script: Script, test: Callable[[str], bool], timeout: float = 10.0) -> str:
+    """Return the first output line of script, read so far or still to come, that passes test."""
+    for line in list(script.lines):
+        if test(line):
+            return line
+    return script.expect(test, timeout)
+
+
+def wait_lines(script: Script, probe: Callable[[list[str]], T | None], timeout: float,
+               what: str) -> T:
+    """Read script's output until probe(all lines so far) is truthy; AssertionError after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe(list(script.lines))
+        if value:
+            return value
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}: "
+                                 + "\n".join(script.lines[-30:]))
+        try:
+            script.expect(lambda line: True, min(left, 0.5))  # one more line
+        except MeshTimeout:
+            if script.proc.poll() is not None:
+                raise AssertionError(f"{what}: the process exited") from None
+
+
+def words(script: Script, first: str) -> list[list[str]]:
+    """Return the output lines read so far that start with the word first, split in words."""
+    return [ln.split() for ln in list(script.lines) if ln.split()[:1] == [first]]
+
+
+@pytest.fixture
+def mesh() -> Iterator[Callable[..., Script]]:
+    """Factory of _mesh_node.py processes (``mesh(name, group, *args, env=, prefix=)``).
+
+    Each is asked to stop (SIGTERM) at teardown, and killed if it does not.
+    """
+    made: list[Script] = []
+
+    def start(name: str, group: str, *args: str, env: dict[str, str] | None = None,
+              prefix: tuple[str, ...] = ()) -> Script:
+        argv = [*prefix, sys.executable, str(MESH_NODE), "--name", name, "--group", group, *args]
+        script = Script(argv, env=env)
+        made.append(script)
+        return script
+
+    yield start
+    for script in made:
+        script.stop(timeout=5)
+
+
+@pytest.fixture
+def mdns_node() -> Iterator[Callable[..., Node]]:
+    """Factory of in-process Nodes with mDNS discovery on loopback and quick timing."""
+    made: list[Node] = []
+
+    def make(name: str, group: str, start: bool = True, **kw: Any) -> Node:
+        kw.setdefault("timing", QUICK)
+        kw.setdefault("interfaces", LOOPBACK)
+        node = Node(name, discovery="mdns", group=group, **kw)
+        made.append(node)
+        return node.start() if start else node
+
+    yield make
+    for node in reversed(made):
+        node.stop()
+
+
 @pytest.fixture
 def tools() -> SimpleNamespace:
     """The helpers above, for test modules (importlib mode cannot import conftest)."""
@@ -232,6 +308,10 @@ def tools() -> SimpleNamespace:
         LOOPBACK=LOOPBACK,
         Peer=Peer,
         Recorder=Recorder,
+        QUICK=QUICK,
+        find_line=find_line,
+        wait_lines=wait_lines,
+        words=words,
         new_id=new_id,
         node_cfg=node_cfg,
         unique_group=unique_group,
