@@ -3,13 +3,13 @@
 mDNS only says who is there and where to dial; the meshmq handshake makes a peer and
 heartbeats say when it is gone. This module decides when to dial:
 
-* Peering is symmetric, so one dial per pair is enough: the node with the smaller id dials
-  at once; the other dials too if the pair is still not connected ``fallback`` seconds after
-  it first saw the peer. The smaller one may see us late: a newcomer learns of running nodes
-  from answers to its query, and a responder that multicast its records less than a second
-  ago delays its answer by a second (RFC 6762 §14), e.g. when several nodes start at once;
-  or not at all (a lost packet, one-way multicast). Both may then dial: harmless, peering
-  merges the two connections into one peer.
+* Peering is symmetric, so one dial per pair is enough, and the first to see the other
+  should dial: a running node sees a newcomer at once (its announcement), while the
+  newcomer learns of running nodes from answers to its query, which a responder that
+  multicast its records less than a second ago delays by a second (RFC 6762 §14). So the
+  node with the smaller id dials at once, and the other ``fallback`` seconds after it first
+  saw the peer if the pair is still apart by then. Both dial only if the handshake takes
+  longer than that: harmless, the two connections make one peer.
 * A node id that was on the mesh and left it (BYE, heartbeat timeout) is not dialled again
   from its lingering mDNS record (a SIGKILLed node's PTR lives for its TTL, 75 min). A new
   incarnation has a new id and is dialled; a changed record (a live responder) is too; a
@@ -47,7 +47,7 @@ log = logging.getLogger("meshmq.discovery")
 
 MESH_STAT_KEYS = (
     "dials",  # peers this node dialled because mDNS showed them
-    "fallback_dials",  # of those, peers with the larger id that had not dialled us in time
+    "fallback_dials",  # of those, peers with the smaller id that had not dialled us in time
     "lingering",  # records in view of nodes that left the mesh (not dialled again)
     "withdrawn",  # peers whose mDNS record went away (goodbye or expiry): dropped at once
     "txt_updates",  # times our TXT record was re-published because our offers changed
@@ -105,7 +105,7 @@ def _advert_name(name: str) -> str:
 class NodeDiscovery:
     """Advertise ``node`` (running) on mDNS and dial the peers of its group; ``stop()`` says goodbye."""
 
-    def __init__(self, node: Any, *, rescan: float = 0.1, fallback: float = 0.3) -> None:
+    def __init__(self, node: Any, *, rescan: float = 0.1, fallback: float = 0.05) -> None:
         self.node = node
         self.rescan = rescan
         self.fallback = fallback
@@ -116,6 +116,8 @@ class NodeDiscovery:
         self._stats = dict.fromkeys(MESH_STAT_KEYS, 0)
         self._offers = ""
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # a fallback dial is due before the next rescan
+        self._due = float("inf")  # when the earliest fallback dial is due
         self._thread: threading.Thread | None = None
         self.mdns = MdnsDiscovery(
             node.interfaces, node.group, on_join=self._seen, on_update=self._changed,
@@ -140,6 +142,7 @@ class NodeDiscovery:
     def stop(self) -> None:
         """Stop dialling and send the mDNS goodbye (bounded in time); idempotent."""
         self._stopping.set()
+        self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5.0)
         self.mdns.stop()
@@ -203,7 +206,11 @@ class NodeDiscovery:
                 or not self.node.running or self._connected(nid)):
             return
         ours = self.node.id < nid
-        if not ours and now - self._first_seen.get(nid, now) < self.fallback:
+        due = self._first_seen.get(nid, now) + self.fallback
+        if not ours and now < due:
+            if due < self._due:
+                self._due = due
+                self._wake.set()
             return
         address = s.endpoints[0]
         self._dialed[nid] = address
@@ -220,18 +227,34 @@ class NodeDiscovery:
             engine.forget(nid if drop else None, address)
 
     def _run(self) -> None:
-        """Rescan thread: fallback dials and offer updates, every ``rescan`` seconds."""
-        while not self._stopping.wait(self.rescan):
+        """Rescan thread: fallback dials when due, offer updates every ``rescan`` seconds."""
+        next_rescan = time.monotonic() + self.rescan
+        while not self._stopping.is_set():
+            with self._lock:
+                until = min(next_rescan, self._due)
+            self._wake.wait(max(0.0, until - time.monotonic()))
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
             try:
-                self._rescan()
+                if time.monotonic() >= next_rescan:
+                    next_rescan = time.monotonic() + self.rescan
+                    self._rescan()
+                else:
+                    self._dial_due()
             except Exception:  # noqa: BLE001 - discovery must outlive one bad pass
                 log.exception("discovery rescan failed")
 
-    def _rescan(self) -> None:
+    def _dial_due(self) -> None:
+        """Reconsider every peer in view (fallback dials that are due), and find the next due."""
         now = time.monotonic()
         with self._lock:
+            self._due = float("inf")
             for s in self.mdns.sightings():
                 self._consider(s, now)
+
+    def _rescan(self) -> None:
+        self._dial_due()
         summary = offers_summary(self.node)
         if summary != self._offers and not self._stopping.is_set():
             self._offers = summary
