@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from meshmq import Node, NoPeerError, RemoteError
+from meshmq import MeshTimeout, Node, NoPeerError, RemoteError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,12 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--static", action="store_true", help="no mDNS even without --peer")
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--timeout", type=float, default=10.0)
+    ap.add_argument("--servers", type=int, default=1, help="wait for this many servers first")
     args = ap.parse_args(argv)
 
     with Node(args.name, peers=args.peer if args.peer or not args.static else []) as node:
         print(f"{args.name} listening on {node.address}", flush=True)
         skus = ["A1", "B2", "C3"]
         try:
+            node.wait_for_servers("inventory.check", count=args.servers, timeout=args.timeout)
             for i in range(args.calls):
                 sku = skus[i % len(skus)]
                 reply = node.call("inventory.check", sku, qty=2, timeout=args.timeout,
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             node.call("inventory.check", "ZZ", timeout=args.timeout)
         except RemoteError as exc:
             print(f"remote error as expected: {exc.type_name}: {exc.message}", flush=True)
-        except NoPeerError as exc:
+        except (NoPeerError, MeshTimeout) as exc:
             print(f"error: {exc}", flush=True)
             return 1
     return 0

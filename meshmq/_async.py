@@ -56,7 +56,7 @@ class AsyncNode:
     handlers still run in threads of their own, never on your loop.
     """
 
-    def __init__(self, name: str, peers: list[str] | None = None, host: str = "127.0.0.1",
+    def __init__(self, name: str, peers: list[str] | None = None, host: str | None = None,
                  port: int = 0, **options: Any) -> None:
         self.node = Node(name, peers, host, port, **options)
         self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
@@ -149,6 +149,12 @@ class AsyncNode:
         return int(await self.wait_until(
             lambda: (n := self.node._pipelines.workers_for(queue)) >= count and n, timeout,
             f"{count} worker(s) of {queue!r}"))
+
+    async def wait_for_servers(self, service: str, count: int = 1, timeout: float = 5.0) -> int:
+        self.node._require_running()
+        return int(await self.wait_until(
+            lambda: (n := self.node.servers_for(service)) >= count and n, timeout,
+            f"{count} server(s) of {service!r}"))
 
     async def call(self, service: str, *args: Any, timeout: float = 5.0, retry: bool = False,
                    **kwargs: Any) -> Any:

@@ -547,6 +547,18 @@ class Node:
             lambda: (n := self._pipelines.workers_for(queue)) >= count and n, timeout,
             f"{count} worker(s) of {queue!r}"))
 
+    def servers_for(self, service: str) -> int:
+        """How many nodes (this one included) serve ``service`` now."""
+        n = sum(1 for p in self.peers() if service in p.services)
+        return n + (1 if service in self._rpc.services else 0)
+
+    def wait_for_servers(self, service: str, count: int = 1, timeout: float = 5.0) -> int:
+        """Block until ``count`` nodes serve ``service``; return how many do."""
+        self._require_running()
+        return int(self.wait_until(
+            lambda: (n := self.servers_for(service)) >= count and n, timeout,
+            f"{count} server(s) of {service!r}"))
+
     # ---- RPC -------------------------------------------------------------------------------------
     def rpc(self, service: str, *, concurrency: int = 8) -> Callable[[F], F]:
         """Decorator: serve ``service``; up to ``concurrency`` calls run at once."""
