@@ -68,9 +68,13 @@ def decode_pub(topic: bytes, payload: bytes | memoryview) -> tuple[str, str, str
         raise DecodeError("pub payload is not a msgpack array")
     if arr[0] != PROTO:
         raise ProtocolVersionError(f"pub payload has protocol version {arr[0]!r}, expected {PROTO}")
-    if len(arr) < PUB_FIELDS:
-        raise DecodeError(f"pub payload has {len(arr)} fields, expected {PUB_FIELDS}")
-    _, msg_id, source, source_id, seq, ts, headers, body = arr[:PUB_FIELDS]
+    n = len(arr)
+    if n == PUB_FIELDS:
+        _, msg_id, source, source_id, seq, ts, headers, body = arr
+    elif n > PUB_FIELDS:
+        _, msg_id, source, source_id, seq, ts, headers, body = arr[:PUB_FIELDS]
+    else:
+        raise DecodeError(f"pub payload has {n} fields, expected {PUB_FIELDS}")
     if (type(msg_id) is not str or type(source) is not str or type(source_id) is not str
             or type(seq) is not int or type(ts) is not float):
         raise DecodeError("pub payload field has the wrong type")

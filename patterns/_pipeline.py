@@ -81,6 +81,10 @@ class Pipelines:
         self.queues: dict[str, _Queue] = {}
         self._cv = threading.Condition()
         self._outstanding: dict[str, int] = {}
+        self._waiters = 0     # threads blocked in push() or wait_done(), under _cv
+        # A full queue lets pushers in again once it has drained to this level, not at every
+        # ack: one wake-up per batch instead of a GIL ping-pong per task.
+        self._resume_at = max(0, max_backlog - max(1, max_backlog // 8))
         self._ids = itertools.count(1)
         self._order = itertools.count()
         self.counters = {"tasks_pushed": 0, "tasks_completed": 0, "tasks_redelivered": 0,
@@ -106,6 +110,8 @@ class Pipelines:
         pass
 
     def stop(self, node: Node) -> None:
+        with self._cv:
+            self._cv.notify_all()   # blocked pushers and waiters see the node stopping
         for w in self.workers.values():
             w.pool.close(0.5)
 
@@ -159,9 +165,14 @@ class Pipelines:
                     self.counters["backpressure_rejects"] += 1
                     raise Backpressure(f"queue {queue!r} has {n} tasks outstanding "
                                        f"(max_backlog={self.max_backlog})")
-                if not self._cv.wait_for(
-                        lambda: self._outstanding.get(queue, 0) < self.max_backlog
-                        or not node.running, timeout):
+                self._waiters += 1
+                try:
+                    ok = self._cv.wait_for(
+                        lambda: self._outstanding.get(queue, 0) <= self._resume_at
+                        or not node.running, timeout)
+                finally:
+                    self._waiters -= 1
+                if not ok:
                     raise MeshTimeout(f"queue {queue!r} stayed full for {timeout}s")
                 node._require_running()
             self._outstanding[queue] = self._outstanding.get(queue, 0) + 1
@@ -179,7 +190,12 @@ class Pipelines:
                 return self._outstanding.get(queue, 0) == 0
             return not any(self._outstanding.values())
         with self._cv:
-            return self._cv.wait_for(lambda: idle() or not self.node.running, timeout) and idle()
+            self._waiters += 1
+            try:
+                return self._cv.wait_for(lambda: idle() or not self.node.running,
+                                         timeout) and idle()
+            finally:
+                self._waiters -= 1
 
     def workers_for(self, queue: str) -> int:
         n = sum(1 for p in self.node.peers() if queue in p.queues)
@@ -282,8 +298,9 @@ class Pipelines:
     def _finish(self, task: _Task) -> None:
         self.counters["tasks_completed"] += 1
         with self._cv:
-            self._outstanding[task.queue] -= 1
-            self._cv.notify_all()
+            n = self._outstanding[task.queue] = self._outstanding[task.queue] - 1
+            if self._waiters and (n == 0 or n == self._resume_at):
+                self._cv.notify_all()
         if task.on_done is not None:
             task.on_done()
 

@@ -153,11 +153,35 @@ class Rpc:
 
     async def acall(self, service: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                     timeout: float, retry: bool) -> Any:
+        # One loop future settled straight from the I/O thread, and one call_later for the
+        # timeout: asyncio.wait_for(wrap_future(...)) costs ~40 us of loop time per call.
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
         call = self.begin(service, args, kwargs, timeout, retry)
+
+        def settle(f: concurrent.futures.Future[Any]) -> None:
+            if not waiter.done():
+                exc = f.exception()
+                if exc is None:
+                    waiter.set_result(f.result())
+                else:
+                    waiter.set_exception(exc)
+
+        call.future.add_done_callback(lambda f: loop.call_soon_threadsafe(settle, f))
+        def timed_out() -> None:
+            if not waiter.done():
+                waiter.set_exception(TimeoutError())
+
+        expire = loop.call_later(timeout, timed_out)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(call.future), timeout)
+            return await waiter
         except TimeoutError:
+            if call.future.done() and not call.future.cancelled() and \
+                    call.future.exception() is None:
+                return call.future.result()
             raise self._timed_out(call, timeout) from None
+        finally:
+            expire.cancel()
 
     def _timed_out(self, call: _Call, timeout: float) -> MeshError:
         engine = self.node.engine
