@@ -66,7 +66,7 @@ def decode_pub(topic: bytes, payload: bytes | memoryview) -> tuple[str, str, str
     arr = _unpack(payload)
     if type(arr) is not list or not arr:
         raise DecodeError("pub payload is not a msgpack array")
-    if arr[0] != PROTO:
+    if type(arr[0]) is not int or arr[0] != PROTO:
         raise ProtocolVersionError(f"pub payload has protocol version {arr[0]!r}, expected {PROTO}")
     n = len(arr)
     if n == PUB_FIELDS:
@@ -109,7 +109,7 @@ def decode_ctl(payload: bytes | memoryview) -> tuple[str, dict[str, Any]]:
     arr = _unpack(payload)
     if type(arr) is not list or len(arr) < 3:
         raise DecodeError("control payload is not a [proto, kind, fields] array")
-    if arr[0] != PROTO:
+    if type(arr[0]) is not int or arr[0] != PROTO:
         raise ProtocolVersionError(f"control payload has protocol version {arr[0]!r}")
     kind, fields = arr[1], arr[2]
     if type(kind) is not str or type(fields) is not dict:

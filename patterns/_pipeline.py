@@ -24,10 +24,10 @@ from meshmq.patterns._pool import Pool, describe_error
 
 from meshmq._codec import decode, encode
 from meshmq._dispatch import HandlerSpec
-from meshmq._errors import Backpressure, ConfigError, DecodeError, MeshTimeout
+from meshmq._errors import Backpressure, ConfigError, DecodeError, EncodeError, MeshTimeout
 from meshmq._message import Message
 from meshmq._peers import PeerInfo
-from meshmq._topics import check_topic
+from meshmq._topics import MAX_TOPIC_BYTES, check_topic
 
 if TYPE_CHECKING:
     from meshmq._node import Node
@@ -154,7 +154,18 @@ class Pipelines:
     def push(self, queue: str, body: Any, key: Any = None, headers: dict[str, Any] | None = None,
              block: bool = True, timeout: float | None = None, task_id: str | None = None,
              on_done: Callable[[], None] | None = None) -> str:
-        check_topic(queue)
+        check_queue(queue)
+        # Everything that travels is checked here, at the caller: nothing a caller passes may
+        # fail later on the I/O thread (that would stop the node).
+        if headers is not None and type(headers) is not dict:
+            raise EncodeError("headers must be a dict")
+        if key is not None:
+            try:
+                hash(key)
+            except TypeError:
+                raise ConfigError(f"key must be hashable, not {type(key).__name__}") from None
+        if key is not None or headers:
+            encode([key, headers])  # an unencodable key or header raises EncodeError here
         node = self.node
         node._require_running()
         payload = encode(body)  # an unencodable body fails here, at the caller
@@ -394,6 +405,18 @@ class Pipelines:
             engine.send_to(to, "ack", fields)
 
 
+#: ``deadletter.<queue>`` must still be a valid topic.
+MAX_QUEUE_BYTES = MAX_TOPIC_BYTES - len("deadletter.")
+
+
+def check_queue(queue: str) -> bytes:
+    """A queue name is a topic short enough that its dead-letter topic is one too."""
+    raw = check_topic(queue)
+    if len(raw) > MAX_QUEUE_BYTES:
+        raise ConfigError(f"queue name {queue!r} is longer than {MAX_QUEUE_BYTES} bytes")
+    return raw
+
+
 def _rendezvous(key: Any, workers: list[str]) -> str:
     """The worker a key belongs to: highest hash of (key, worker). Stable while it lives."""
     k = repr(key).encode()
@@ -403,9 +426,9 @@ def _rendezvous(key: Any, workers: list[str]) -> str:
 def worker_spec(queue: str, emit: str | None, concurrency: int, max_attempts: int
                 ) -> HandlerSpec:
     """Validate a worker decorator's arguments into a spec."""
-    check_topic(queue)
+    check_queue(queue)
     if emit is not None:
-        check_topic(emit)
+        check_queue(emit)
     if not 1 <= concurrency <= 10_000:
         raise ConfigError(f"concurrency must be 1..10000, not {concurrency}")
     if not 1 <= max_attempts <= 1000:

@@ -158,3 +158,26 @@ def test_local_worker_and_async_worker(make_node: Callable[..., Node]) -> None:
     assert done.wait(5)
     node.wait_for_tasks(timeout=5)
     assert sorted(bodies) == [0, 1, 2]
+
+
+def test_bad_push_arguments_fail_at_the_caller_and_the_node_keeps_working(
+        make_node: Callable[..., Node]) -> None:
+    from meshmq import ConfigError, EncodeError
+    node = make_node("solo")
+    got = Collector()
+    node.worker("jobs")(got)
+    with pytest.raises(ConfigError, match="hashable"):
+        node.push("jobs", 1, key=[1, 2])
+    with pytest.raises(EncodeError):
+        node.push("jobs", 1, key=object())
+    with pytest.raises(EncodeError):
+        node.push("jobs", 1, headers={"h": object()})
+    with pytest.raises(EncodeError):
+        node.push("jobs", 1, headers=["not", "a", "dict"])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="longer"):
+        node.push("q" * 250, 1)
+    with pytest.raises(ConfigError, match="longer"):
+        node.worker("q" * 250)(got)
+    node.push("jobs", {"ok": True}, key=("tuple", 1), headers={"h": 1})
+    assert got.wait(1)[0].body == {"ok": True}
+    assert node.running
