@@ -229,6 +229,9 @@ class Rpc:
     def _on_reply(self, fields: dict[str, Any], peer_id: str) -> None:
         cid = fields.get("id")
         if type(cid) is not str:
+            engine = self.node.engine
+            if engine is not None:
+                engine.malformed += 1
             return
         if fields.get("ok"):
             self._settle(cid, peer_id, True, fields.get("r"))
@@ -248,8 +251,13 @@ class Rpc:
             except DecodeError as exc:
                 call.future.set_exception(exc)
             return
-        self.counters["calls_failed_remote"] += 1
         err = value if type(value) is dict else {}
+        if err.get("retry") is True and any(
+                s not in call.tried for s in self._servers(call.service)):
+            self.counters["calls_retried"] += 1
+            self._start(call)  # the server no longer serves it: another one may
+            return
+        self.counters["calls_failed_remote"] += 1
         call.future.set_exception(RemoteError(str(err.get("type", "Exception")),
                                               str(err.get("message", "")),
                                               str(err.get("traceback", ""))))
@@ -272,7 +280,9 @@ class Rpc:
         """Run a call on this node; ``reply(ok, msgpack result | error dict)`` from any thread."""
         pool = self.services.get(svc)
         if pool is None:
-            reply(False, {"type": "NoPeerError", "message": f"{svc!r} is not served here"})
+            # a stale offer sent the call here: the caller may try another server
+            reply(False, {"type": "NoPeerError", "message": f"{svc!r} is not served here",
+                          "retry": True})
             return
         try:
             args, kwargs = decode(payload)
