@@ -270,3 +270,19 @@ def test_long_offers_are_truncated_on_construction() -> None:
     assert advert.offers.endswith(OFFERS_TRUNCATED)
     assert len(advert.offers.encode()) <= MAX_OFFERS_BYTES
     assert decode_advert(encode_advert(advert)) == advert
+
+
+def test_protocol_md_txt_example_is_what_the_codec_packs() -> None:
+    """docs/PROTOCOL.md section 16 shows TXT bytes; they must be what encode_advert packs."""
+    import re
+    from pathlib import Path
+
+    from meshmq.discovery import Advert, encode_advert, pack_txt
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    section = doc[doc.index("## 16. Discovery"):doc.index("## 17. Worked examples")]
+    block = section[section.index("```\n") + 4:section.rindex("```")]
+    hexed = "".join(re.sub(r'"[^"]*"', "", line) for line in block.splitlines())
+    advert = Advert(1, "billing", "0123456789abcdef0123456789abcdef", "default", 7001,
+                    "t:orders.>,q:resize,s:inventory.check")
+    assert bytes.fromhex(hexed) == pack_txt(encode_advert(advert))
