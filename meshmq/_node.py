@@ -57,6 +57,8 @@ handler_errors  handler invocations that raised (logged with the traceback)
 peers           peers alive now
 peer_joins      peers seen joining since start
 peer_leaves     peers seen leaving (goodbye, timeout, restart) since start
+discovery       with mDNS only: a dict of discovery counters (records seen, garbage TXT
+                records ignored, peers dialled, ...; see docs/DISCOVERY.md)
 tasks_*         pipelines: pushed, completed (acked or dead-lettered), redelivered (worker
                 died), failed (handler raised), worked (by this node), backlog, inflight
 deadlettered    tasks published on deadletter.<queue> after max_attempts failures
@@ -606,6 +608,9 @@ class Node:
             extra = getattr(plugin, "stats", None)
             if extra is not None:
                 out.update(extra())
+        discovery = self._discovery
+        if discovery is not None and hasattr(discovery, "stats"):
+            out["discovery"] = discovery.stats()
         return out
 
     STATS_KEYS = STATS_KEYS

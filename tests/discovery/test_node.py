@@ -173,8 +173,8 @@ def test_garbage_txt_is_counted_and_never_dialled(
     hexed = [[k.encode().hex(), v.encode().hex()] for k, v in txt.items()]
     peers({"mode": "raw", "interfaces": tools.LOOPBACK, "instance": f"junk-{tools.new_id()}",
            "props": hexed})
-    wait_until(lambda: node._discovery.stats()["ignored_garbage"] >= 1, 5, what="garbage counted")
-    stats = node._discovery.stats()
+    wait_until(lambda: node.stats()["discovery"]["ignored_garbage"] >= 1, 5, what="garbage counted")
+    stats = node.stats()["discovery"]
     assert stats["dials"] == 0 and stats["found"] == 0 and node.peers() == []
 
 
