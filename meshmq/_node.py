@@ -468,6 +468,9 @@ class Node:
             msg_id = f"{self._id_prefix}{next(self._ids):x}"
             ts = time.time()
             payload = self._encoder.encode(msg_id, self.name, self.id, seq, ts, headers, body)
+            if len(payload) > self.max_message_bytes:
+                raise EncodeError(f"message of {len(payload)} bytes is over max_message_bytes="
+                                  f"{self.max_message_bytes}: every receiver would drop it")
             self._seqs[topic] = seq
             self.xpub.send(raw, zio.SNDMORE)
             self.xpub.send(payload)

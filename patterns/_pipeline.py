@@ -169,6 +169,9 @@ class Pipelines:
         node = self.node
         node._require_running()
         payload = encode(body)  # an unencodable body fails here, at the caller
+        if len(payload) > node.max_message_bytes:
+            raise EncodeError(f"task body of {len(payload)} bytes is over max_message_bytes="
+                              f"{node.max_message_bytes}")
         with self._cv:
             n = self._outstanding.get(queue, 0)
             if n >= self.max_backlog:

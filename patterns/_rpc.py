@@ -23,6 +23,7 @@ from meshmq._codec import decode, encode
 from meshmq._dispatch import HandlerSpec
 from meshmq._errors import (
     DecodeError,
+    EncodeError,
     MeshError,
     MeshTimeout,
     NoPeerError,
@@ -136,7 +137,11 @@ class Rpc:
         check_topic(service)
         node = self.node
         node._require_running()
-        call = _Call(f"{node.id}-c{next(self._ids):x}", service, encode([list(args), kwargs]),
+        payload = encode([list(args), kwargs])
+        if len(payload) > node.max_message_bytes:
+            raise EncodeError(f"call arguments of {len(payload)} bytes are over "
+                              f"max_message_bytes={node.max_message_bytes}")
+        call = _Call(f"{node.id}-c{next(self._ids):x}", service, payload,
                      concurrent.futures.Future(), time.monotonic() + timeout, retry)
         self.counters["calls_made"] += 1
         assert node.engine is not None
@@ -296,7 +301,11 @@ class Rpc:
         def done(ok: bool, value: Any) -> None:
             if ok:
                 try:
-                    reply(True, encode(value))
+                    result = encode(value)
+                    if len(result) > self.node.max_message_bytes:
+                        raise EncodeError(f"result of {len(result)} bytes is over "
+                                          f"max_message_bytes={self.node.max_message_bytes}")
+                    reply(True, result)
                 except MeshError as exc:
                     reply(False, describe_error(exc))
             else:

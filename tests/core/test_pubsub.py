@@ -236,3 +236,25 @@ def test_gaps_are_detected_and_surfaced(make_node: Callable[..., Node]) -> None:
     assert [m.gap for m in msgs] == [0, 0, 2, 0, 3]
     stats = node.stats()
     assert stats["gaps"] == 5 and stats["gaps_by_sender"] == {"liar": 5}
+
+
+def test_oversized_sends_fail_at_the_caller(make_node: Callable[..., Node]) -> None:
+    from meshmq import EncodeError, RemoteError
+    a = make_node("a", max_message_bytes=4096)
+    b = make_node("b", peers=[a.address], max_message_bytes=4096)
+    got = Collector()
+    b.subscribe("big")(got)
+    b.worker("jobs")(lambda msg: None)
+    b.rpc("echo")(lambda x: x * 2)
+    a.wait_for_subscribers("big")
+    a.wait_for_servers("echo")
+    with pytest.raises(EncodeError, match="max_message_bytes"):
+        a.publish("big", b"x" * 5000)
+    with pytest.raises(EncodeError, match="max_message_bytes"):
+        a.push("jobs", b"x" * 5000)
+    with pytest.raises(EncodeError, match="max_message_bytes"):
+        a.call("echo", b"x" * 5000)
+    with pytest.raises(RemoteError, match="max_message_bytes"):
+        a.call("echo", b"x" * 3000)  # the result would be 6000 bytes
+    a.publish("big", b"x" * 100)  # the node keeps working
+    assert got.wait(1)[0].body == b"x" * 100
