@@ -512,15 +512,18 @@ class Node:
 
     # ---- pipelines -----------------------------------------------------------------------------
     def worker(self, queue: str, *, emit: str | None = None, concurrency: int = 1,
-               max_attempts: int = 3) -> Callable[[F], F]:
+               max_attempts: int = 3, prefetch: int | None = None) -> Callable[[F], F]:
         """Decorator: one of the workers of ``queue`` gets each task (``msg.attempt`` counts).
 
-        ``concurrency`` tasks run at once (the credit this worker grants); a task whose handler
-        raises ``max_attempts`` times goes to ``deadletter.<queue>``; with ``emit``, the return
-        value is pushed on to that queue (under a derived id, so a redone task is recognisable).
+        ``concurrency`` tasks run at once; ``prefetch`` more may wait here so that the next one
+        is at hand when a handler returns (default ``concurrency``, at most 4). The credit this
+        worker grants each pusher is ``concurrency + prefetch``: 0 gives the strictest fairness
+        for slow tasks, more gives throughput for short ones. A task whose handler raises
+        ``max_attempts`` times goes to ``deadletter.<queue>``; with ``emit``, the return value
+        is pushed on to that queue (under a derived id, so a redone task is recognisable).
         """
         from meshmq.patterns import worker_spec
-        spec = worker_spec(queue, emit, concurrency, max_attempts)
+        spec = worker_spec(queue, emit, concurrency, max_attempts, prefetch)
 
         def deco(fn: F) -> F:
             record(fn, spec)

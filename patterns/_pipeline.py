@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["Pipelines"]
 
 log = logging.getLogger("meshmq")
+DEFAULT_PREFETCH = 4  # tasks a worker holds beyond those running, unless told
 KEY_SCAN = 10_000   # how deep dispatch looks past tasks whose key's worker is busy
 
 
@@ -67,6 +68,7 @@ class _Queue:
 class _LocalWorker:
     pool: Pool
     concurrency: int
+    credit: int       # concurrency + prefetch: tasks a pusher may have in flight here
     max_attempts: int
     emit: str | None
 
@@ -97,14 +99,16 @@ class Pipelines:
             return False
         opts = spec.options
         pool = Pool(fn, f"worker-{spec.name}", opts["concurrency"], node._handler_loop)
-        self.workers[spec.name] = _LocalWorker(pool, opts["concurrency"], opts["max_attempts"],
+        self.workers[spec.name] = _LocalWorker(pool, opts["concurrency"],
+                                               opts["concurrency"] + opts["prefetch"],
+                                               opts["max_attempts"],
                                                opts.get("emit"))
         if node.engine is not None:
             node.engine.call(lambda: self._dispatch(spec.name))
         return True
 
     def offer_fields(self) -> dict[str, Any]:
-        return {"wq": {q: [w.concurrency, w.max_attempts] for q, w in self.workers.items()}}
+        return {"wq": {q: [w.credit, w.max_attempts] for q, w in self.workers.items()}}
 
     def start(self, node: Node) -> None:
         pass
@@ -231,7 +235,7 @@ class Pipelines:
                if queue in p.info.queues}
         local = self.workers.get(queue)
         if local is not None:
-            out[self.node.id] = local.concurrency
+            out[self.node.id] = local.credit
         return out
 
     def _dispatch(self, queue: str) -> None:
@@ -426,8 +430,8 @@ def _rendezvous(key: Any, workers: list[str]) -> str:
     return max(workers, key=lambda w: zlib.crc32(k + b"|" + w.encode()))
 
 
-def worker_spec(queue: str, emit: str | None, concurrency: int, max_attempts: int
-                ) -> HandlerSpec:
+def worker_spec(queue: str, emit: str | None, concurrency: int, max_attempts: int,
+                prefetch: int | None = None) -> HandlerSpec:
     """Validate a worker decorator's arguments into a spec."""
     check_queue(queue)
     if emit is not None:
@@ -436,5 +440,9 @@ def worker_spec(queue: str, emit: str | None, concurrency: int, max_attempts: in
         raise ConfigError(f"concurrency must be 1..10000, not {concurrency}")
     if not 1 <= max_attempts <= 1000:
         raise ConfigError(f"max_attempts must be 1..1000, not {max_attempts}")
+    if prefetch is None:
+        prefetch = DEFAULT_PREFETCH
+    if not 0 <= prefetch <= 10_000:
+        raise ConfigError(f"prefetch must be 0..10000, not {prefetch}")
     return HandlerSpec("worker", queue, {"emit": emit, "concurrency": concurrency,
-                                         "max_attempts": max_attempts})
+                                         "max_attempts": max_attempts, "prefetch": prefetch})

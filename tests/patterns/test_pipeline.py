@@ -139,6 +139,7 @@ def test_backpressure_bounds_the_backlog(make_node: Callable[..., Node]) -> None
     worker = make_node("late", peers=[vent.address])
     worker.worker("nobody.works.here")(got)
     assert [m.body for m in got.wait(5)] == [0, 1, 2, 3, 4]
+    vent.wait_for_tasks("nobody.works.here", timeout=5)  # their acks are back
     vent.push("nobody.works.here", 5, block=False)
 
 
