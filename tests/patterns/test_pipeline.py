@@ -182,3 +182,16 @@ def test_bad_push_arguments_fail_at_the_caller_and_the_node_keeps_working(
     node.push("jobs", {"ok": True}, key=("tuple", 1), headers={"h": 1})
     assert got.wait(1)[0].body == {"ok": True}
     assert node.running
+
+
+def test_credit_is_concurrency_plus_prefetch(make_node: Callable[..., Node]) -> None:
+    from meshmq import ConfigError
+    vent = make_node("vent")
+    worker = make_node("w", peers=[vent.address])
+    worker.worker("a", concurrency=2)(lambda msg: None)
+    worker.worker("b", concurrency=3, prefetch=0)(lambda msg: None)
+    with pytest.raises(ConfigError):
+        worker.worker("c", prefetch=-1)(lambda msg: None)
+    vent.wait_for_workers("b")
+    (peer,) = vent.peers()
+    assert peer.queues["a"][0] == 6 and peer.queues["b"][0] == 3
