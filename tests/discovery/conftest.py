@@ -359,3 +359,16 @@ def local() -> Iterator[Callable[..., tuple[MdnsDiscovery, Recorder, Advert]]]:
     yield start
     for d in made:
         d.stop()
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail any attempt to open a socket: for tests that hand non-loopback addresses (0.0.0.0,
+    224.0.0.251, LAN addresses) to code that must reject or merely sort them, this proves they
+    never reach the network."""
+    import socket
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("this test must not open a socket")
+
+    monkeypatch.setattr(socket, "socket", refuse)

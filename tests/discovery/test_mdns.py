@@ -247,7 +247,11 @@ def test_lifecycle_errors(group: str, tools: Any) -> None:
         {"bind_addresses": []},
     ],
 )
-def test_bad_start_arguments(group: str, kwargs: dict[str, Any], tools: Any) -> None:
+def test_bad_start_arguments(
+    group: str, kwargs: dict[str, Any], tools: Any, no_network: None
+) -> None:
+    # rejected before zeroconf opens anything: no_network fails any socket, so 0.0.0.0 and
+    # the multicast group given as bind addresses can never be listened or sent on
     d = MdnsDiscovery(kwargs.pop("interfaces", LOOPBACK), group)
     with pytest.raises(ConfigError):
         d.start(Advert(1, "a", tools.new_id(), group, 1000), **kwargs)

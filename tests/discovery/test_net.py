@@ -1,4 +1,9 @@
-"""Interface choice and address ordering (pure functions)."""
+"""Interface choice and address ordering (pure functions: no test here opens a socket).
+
+Some inputs are addresses beyond loopback (0.0.0.0, a multicast group, LAN addresses): they are
+only parsed, rejected or sorted, and the ``no_network`` fixture fails any socket that would be
+opened, so nothing here can listen or multicast.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ def test_explicit_choices() -> None:
 
 
 @pytest.mark.parametrize("bad", [[], ",", ["eth0"], ["::1"], ["0.0.0.0"], ["224.0.0.251"], "1.2.3"])
-def test_bad_choices(bad: str | list[str]) -> None:
+def test_bad_choices(bad: str | list[str], no_network: None) -> None:
     with pytest.raises(ConfigError):
         resolve_interfaces(bad)
 
@@ -47,7 +52,7 @@ def test_local_networks_knows_loopback_and_rejects_foreign_addresses() -> None:
         local_networks(["203.0.113.77"])
 
 
-def test_same_subnet_first_and_loopback_only_for_loopback_only_nodes() -> None:
+def test_same_subnet_first_and_loopback_only_for_loopback_only_nodes(no_network: None) -> None:
     lan = [IPv4Interface("10.213.0.1/24")]
     advertised = ["192.168.9.9", "127.0.0.1", "10.213.0.2", "0.0.0.0", "224.0.0.251", "junk"]
     assert order_addresses(advertised, lan) == ("10.213.0.2", "192.168.9.9")
