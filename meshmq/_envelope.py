@@ -12,7 +12,7 @@ from typing import Any
 
 import msgpack
 
-from meshmq._codec import _default, _unpackb, new_packer
+from meshmq._codec import _default, decode, new_packer
 from meshmq._errors import DecodeError, EncodeError, ProtocolVersionError
 
 __all__ = ["PROTO", "CtlKind", "PubEncoder", "decode_ctl", "decode_pub", "encode_ctl"]
@@ -51,19 +51,10 @@ class PubEncoder:
             raise EncodeError(f"cannot encode message body or headers: {exc}") from exc
 
 
-def _unpack(payload: bytes | memoryview) -> Any:
-    try:
-        return _unpackb(payload)
-    except DecodeError:
-        raise
-    except Exception as exc:  # msgpack raises several unrelated types on bad input
-        raise DecodeError(f"payload is not valid msgpack: {exc}") from exc
-
-
 def decode_pub(topic: bytes, payload: bytes | memoryview) -> tuple[str, str, str, str, int, float,
                                                                     dict[str, Any], Any]:
     """Frames of a published message -> (topic, id, source, source_id, seq, ts, headers, body)."""
-    arr = _unpack(payload)
+    arr = decode(payload)
     if type(arr) is not list or not arr:
         raise DecodeError("pub payload is not a msgpack array")
     if type(arr[0]) is not int or arr[0] != PROTO:
@@ -106,7 +97,7 @@ def encode_ctl(kind: str, fields: dict[str, Any]) -> bytes:
 
 def decode_ctl(payload: bytes | memoryview) -> tuple[str, dict[str, Any]]:
     """A control-plane payload -> (kind, fields)."""
-    arr = _unpack(payload)
+    arr = decode(payload)
     if type(arr) is not list or len(arr) < 3:
         raise DecodeError("control payload is not a [proto, kind, fields] array")
     if type(arr[0]) is not int or arr[0] != PROTO:
