@@ -29,82 +29,10 @@ import threading
 import time
 from pathlib import Path
 
+from meshmq.testing import Script  # a child process whose output lines we can wait for
+
 HERE = Path(__file__).resolve().parent
 WIDTH = 12
-
-
-class Proc:
-    """One example script running as a child process; its lines are echoed with a label."""
-
-    def __init__(self, label: str, script: str, *args: str, out: queue.SimpleQueue[str]) -> None:
-        self.label = label
-        self.lines: list[str] = []
-        self._cv = threading.Condition(threading.RLock())
-        self._out = out
-        self.proc = subprocess.Popen(
-            [sys.executable, str(HERE / script), *args], stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.rstrip("\n")
-            with self._cv:
-                self.lines.append(line)
-                self._cv.notify_all()
-            self._out.put(f"{self.label:>{WIDTH}} | {line}")
-
-    def wait_line(self, pattern: str, timeout: float) -> re.Match[str]:
-        """Wait until a line matches ``pattern``; return the match (TimeoutError if none)."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._cv:
-            while True:
-                for line in self.lines[seen:]:
-                    m = rx.search(line)
-                    if m:
-                        return m
-                seen = len(self.lines)
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise TimeoutError(f"{self.label}: no line matching {pattern!r}")
-                self._cv.wait(min(left, 0.2))
-
-    def wait_count(self, pattern: str, n: int, timeout: float) -> None:
-        """Wait until ``n`` lines match ``pattern`` (TimeoutError if not in time)."""
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while self.count(pattern) < n:
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise TimeoutError(f"{self.label}: fewer than {n} lines matching {pattern!r}")
-                self._cv.wait(min(left, 0.2))
-
-    def count(self, pattern: str) -> int:
-        rx = re.compile(pattern)
-        with self._cv:
-            return sum(1 for line in self.lines if rx.search(line))
-
-    def wait(self, timeout: float) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
-
-    def stop(self, sig: int = signal.SIGINT) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._reader.join(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return int(self.proc.returncode)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     static = args.discovery == "static"
 
     out: queue.SimpleQueue[str] = queue.SimpleQueue()
-    procs: list[Proc] = []
+    procs: list[Script] = []
     printer_stop = threading.Event()
 
     def printer() -> None:
@@ -131,15 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     show = threading.Thread(target=printer, daemon=True)
     show.start()
 
-    def start(label: str, script: str, *a: str) -> Proc:
-        p = Proc(label, script, *a, out=out)
+    def start(label: str, script: str, *a: str) -> Script:
+        p = Script([str(HERE / script), *a],
+                   on_line=lambda line: out.put(f"{label:>{WIDTH}} | {line}"))
         procs.append(p)
         return p
 
-    def address(p: Proc) -> str:
-        return p.wait_line(r"listening on (\S+)", 20).group(1)
+    addresses: dict[Script, str] = {}
 
-    def peers(*ps: Proc) -> list[str]:
+    def address(p: Script) -> str:
+        if p not in addresses:  # expect() consumes the line: read it once
+            addresses[p] = p.expect("listening on", 20).rsplit(" ", 1)[1]
+        return addresses[p]
+
+    def peers(*ps: Script) -> list[str]:
         return [x for p in ps for x in ("--peer", address(p))] if static else []
 
     started = time.monotonic()
@@ -165,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
         # Halfway through the pipeline, kill worker-2 without warning.
         try:
-            workers[1].wait_line(r"working task=", args.timeout)
-            vent.wait_line(r"pushed", args.timeout)
-            sink.wait_count(r"^result ", args.tasks // 2, args.timeout)
+            workers[1].expect("working task=", args.timeout)
+            vent.expect("pushed", args.timeout)
+            for _ in range(args.tasks // 2):
+                sink.expect(lambda line: line.startswith("result "), args.timeout)
         except TimeoutError as exc:
             problems.append(str(exc))
         out.put(f"{'demo':>{WIDTH}} | killing worker-2 with SIGKILL (no goodbye, tasks in hand)")
@@ -186,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(str(exc))
     finally:
         for p in reversed(procs):
-            p.stop()
+            p.stop(signal.SIGINT)
         printer_stop.set()
         show.join(5)
     if len(procs) < 9:
@@ -200,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
               if _search(client, rf"'server': '{name}'")}
     print(file=sys.stderr if problems else sys.stdout, flush=True)
     print("summary:", flush=True)
-    print(f"  pub/sub : {sub.count(r'^received ')} of 10 orders received", flush=True)
+    print(f"  pub/sub : {_count(sub, r'^received ')} of 10 orders received", flush=True)
     print(f"  pipeline: {unique} of {args.tasks} results at the sink, each once; "
           f"{redone.group(1) if redone else '?'} task(s) redelivered after worker-2 was killed",
           flush=True)
-    print(f"  rpc     : {client.count(r'^call ')} calls answered by {sorted(served)}; "
-          f"remote error {'seen' if client.count('remote error as expected') else 'missing'}",
+    print(f"  rpc     : {_count(client, r'^call ')} calls answered by {sorted(served)}; "
+          f"remote error {'seen' if _count(client, 'remote error as expected') else 'missing'}",
           flush=True)
     print(f"  {time.monotonic() - started:.1f}s in all", flush=True)
     if unique != args.tasks:
@@ -215,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if problems else 0
 
 
-def _search(p: Proc, pattern: str) -> re.Match[str] | None:
+def _count(p: Script, pattern: str) -> int:
+    rx = re.compile(pattern)
+    return sum(1 for line in p.lines if rx.search(line))
+
+
+def _search(p: Script, pattern: str) -> re.Match[str] | None:
     rx = re.compile(pattern)
     for line in p.lines:
         m = rx.search(line)

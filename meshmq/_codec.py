@@ -74,7 +74,7 @@ def register_type(code: int, cls: type, to_bytes: Callable[[Any], bytes],
 
 
 def _pack_collection(items: Any) -> bytes:
-    return msgpack.packb(list(items), default=_default, use_bin_type=True, datetime=True)
+    return encode(list(items))
 
 
 def _unpack_collection(data: bytes) -> list[Any]:

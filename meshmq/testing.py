@@ -138,7 +138,7 @@ class Script:
     """A child process whose output lines a test can wait for. Kill it with ``stop()``."""
 
     def __init__(self, argv: Sequence[str], env: dict[str, str] | None = None,
-                 cwd: str | None = None) -> None:
+                 cwd: str | None = None, on_line: Callable[[str], None] | None = None) -> None:
         full_env = dict(os.environ)
         full_env.setdefault("MESHMQ_INTERFACES", "127.0.0.1")
         full_env["PYTHONUNBUFFERED"] = "1"
@@ -150,6 +150,7 @@ class Script:
         self.argv = argv
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=full_env, cwd=cwd)
+        self._on_line = on_line
         self.lines: list[str] = []  # every line read so far (``wait``/``stop`` read them all)
         self._pos = 0  # lines before this one have been consumed by ``expect``
         self._eof = False
@@ -163,8 +164,12 @@ class Script:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._q.put(line.rstrip("\n"))
+        on_line = self._on_line
+        for raw in self.proc.stdout:
+            line = raw.rstrip("\n")
+            if on_line is not None:
+                on_line(line)  # e.g. echo it live, as the demo does
+            self._q.put(line)
         self._q.put(None)
 
     def _pull(self, timeout: float) -> bool:
