@@ -516,7 +516,7 @@ class Node:
         """Decorator: one of the workers of ``queue`` gets each task (``msg.attempt`` counts).
 
         ``concurrency`` tasks run at once; ``prefetch`` more may wait here so that the next one
-        is at hand when a handler returns (default ``concurrency``, at most 4). The credit this
+        is at hand when a handler returns (default 4). The credit this
         worker grants each pusher is ``concurrency + prefetch``: 0 gives the strictest fairness
         for slow tasks, more gives throughput for short ones. A task whose handler raises
         ``max_attempts`` times goes to ``deadletter.<queue>``; with ``emit``, the return value

@@ -71,3 +71,12 @@ def test_unknown_version_is_its_own_error() -> None:
 def test_bad_topic_encoding() -> None:
     with pytest.raises(DecodeError):
         decode_pub(b"\xff\xfe", GOLDEN_PUB)
+
+
+@pytest.mark.parametrize("version", [True, 1.0, 2])
+def test_version_must_be_the_integer_one(version: object) -> None:
+    pub = msgpack.packb([version, "id", "src", "sid", 1, 1.0, {}, None])
+    with pytest.raises(ProtocolVersionError):
+        decode_pub(b"t", pub)
+    with pytest.raises(ProtocolVersionError):
+        decode_ctl(msgpack.packb([version, "ping", {}]))
