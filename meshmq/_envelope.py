@@ -55,17 +55,14 @@ def decode_pub(topic: bytes, payload: bytes | memoryview) -> tuple[str, str, str
                                                                     dict[str, Any], Any]:
     """Frames of a published message -> (topic, id, source, source_id, seq, ts, headers, body)."""
     arr = decode(payload)
-    if type(arr) is not list or not arr:
-        raise DecodeError("pub payload is not a msgpack array")
-    if type(arr[0]) is not int or arr[0] != PROTO:
-        raise ProtocolVersionError(f"pub payload has protocol version {arr[0]!r}, expected {PROTO}")
-    n = len(arr)
-    if n == PUB_FIELDS:
-        _, msg_id, source, source_id, seq, ts, headers, body = arr
-    elif n > PUB_FIELDS:
-        _, msg_id, source, source_id, seq, ts, headers, body = arr[:PUB_FIELDS]
+    # The receive path's hot spot: one shape test covers the common case (exactly 8 fields);
+    # anything else goes to _pub_fields, which raises the precise error or drops appended fields.
+    if type(arr) is list and len(arr) == PUB_FIELDS:
+        proto, msg_id, source, source_id, seq, ts, headers, body = arr
     else:
-        raise DecodeError(f"pub payload has {n} fields, expected {PUB_FIELDS}")
+        proto, msg_id, source, source_id, seq, ts, headers, body = _pub_fields(arr)
+    if type(proto) is not int or proto != PROTO:
+        raise ProtocolVersionError(f"pub payload has protocol version {proto!r}, expected {PROTO}")
     if (type(msg_id) is not str or type(source) is not str or type(source_id) is not str
             or type(seq) is not int or type(ts) is not float):
         raise DecodeError("pub payload field has the wrong type")
@@ -78,6 +75,17 @@ def decode_pub(topic: bytes, payload: bytes | memoryview) -> tuple[str, str, str
     except UnicodeDecodeError as exc:
         raise DecodeError("topic frame is not UTF-8") from exc
     return topic_s, msg_id, source, source_id, seq, ts, headers, body
+
+
+def _pub_fields(arr: Any) -> list[Any]:
+    """The first 8 fields of a pub payload that is not a plain 8-element array, or the error."""
+    if type(arr) is not list or not arr:
+        raise DecodeError("pub payload is not a msgpack array")
+    if type(arr[0]) is not int or arr[0] != PROTO:
+        raise ProtocolVersionError(f"pub payload has protocol version {arr[0]!r}, expected {PROTO}")
+    if len(arr) < PUB_FIELDS:
+        raise DecodeError(f"pub payload has {len(arr)} fields, expected {PUB_FIELDS}")
+    return arr[:PUB_FIELDS]
 
 
 def _pack_ctl(obj: Any) -> bytes:
