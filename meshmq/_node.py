@@ -66,6 +66,8 @@ late_acks       acks for tasks already given to another worker (counted, ignored
 backpressure_rejects  push(block=False) calls refused with Backpressure
 calls_*         RPC: made, served, raised (our handler raised), retried (server died, retry=True),
                 failed_remote (a RemoteError came back), pending
+confirmed, confirm_resends, replay*, repaired, gaps_unrepaired
+                with a journal (once the node used one): see docs/JOURNAL.md
 """
 
 

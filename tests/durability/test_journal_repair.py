@@ -245,3 +245,27 @@ def test_async_node_confirms_replays_and_replays_into_async_handlers(
             assert len(set(ids)) == 20
 
     asyncio.run(main())
+
+
+def test_a_confirm_append_that_overtakes_pub_sub_waits_for_its_predecessors(
+        make_journal: Callable[..., Journal]) -> None:
+    import concurrent.futures
+
+    from meshmq.durability._entry import decode_entry, encode_entry
+
+    journal = make_journal()
+
+    def item(seq: int, confirm: bool) -> tuple[Any, ...]:
+        msg = Message("orders.a", seq, {}, f"p-{seq}", "pub", "p", seq, 1.0)
+        fut: concurrent.futures.Future[int] | None = \
+            concurrent.futures.Future() if confirm else None
+        return (msg.id, "p", seq, "orders.a", encode_entry(msg), fut)
+
+    last = item(5, confirm=True)          # the confirm call arrives first ...
+    journal._queue.put(last)
+    for seq in range(1, 5):               # ... then the pub/sub copies of 1..4
+        journal._queue.put(item(seq, confirm=False))
+    assert last[5].result(timeout=5) == 4  # stored after them, at offset 4
+    with journal._lock:
+        stored = [decode_entry(r.payload).seq for r in journal.log.read()]
+    assert stored == [1, 2, 3, 4, 5]
