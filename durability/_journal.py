@@ -37,7 +37,7 @@ from meshmq._timing import Timing
 from meshmq._topics import check_pattern, matcher
 
 from ._config import DEFAULT_SEGMENT_BYTES
-from ._entry import decode_entry, encode_entry
+from ._entry import decode_entry, encode_entry, entry_topic
 from ._fileio import FatalStorageError
 from ._log import Log
 from ._record import Record
@@ -439,6 +439,8 @@ class Journal:
         ``next`` (where the following call starts), ``end`` (the log's end then) and ``first``.
         """
         match = matcher(check_pattern(pattern)) if pattern else None
+        if pattern is not None and (pattern == ">" or self.topics == [pattern]):
+            match = None   # everything stored matches: no need to look at each topic
         max_records = max(1, min(int(max_records), MAX_READ_RECORDS))
         max_bytes = max(1, min(int(max_bytes), MAX_READ_BYTES))
         scan_limit = max_records * 20   # bound the work a sparse pattern can cause per call
@@ -455,7 +457,7 @@ class Journal:
                 for record in records:
                     nxt = record.offset + 1
                     scanned += 1
-                    if match is None or match(decode_entry(record.payload).topic):
+                    if match is None or match(entry_topic(record.payload)):
                         out.append([record.offset, record.timestamp, record.payload])
                         size += len(record.payload)
                         if len(out) >= max_records or size >= max_bytes:
