@@ -9,6 +9,7 @@ subscribe to. Everything goes through the node's RPC. docs/JOURNAL.md.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import logging
 import threading
@@ -184,8 +185,9 @@ class JournalClient:
         """Yield stored messages matching ``pattern`` from ``since`` up to ``until``.
 
         ``until``: None (the journal's end when the replay starts), an offset (exclusive) or a
-        datetime/float time. Batches are pulled one at a time, so a slow reader holds at most
-        one batch and the journal buffers nothing for it. ``pace="original"`` spaces the
+        datetime/float time. Batches are pulled one at a time (the next one is fetched while
+        the caller works through this one), so a slow reader holds at most two batches and the
+        journal buffers nothing for it. ``pace="original"`` spaces the
         messages as they were published (by their timestamps); "fast" does not wait. If the
         journal dies mid-way, the replay continues from another journal covering ``pattern``.
         """
@@ -204,14 +206,21 @@ class JournalClient:
         return _paced(messages) if pace == "original" else messages
 
     def _pull(self, reader: _Reader, batch: int) -> Iterator[Message]:
+        """Yield the reader's messages. The next batch is fetched and decoded in a thread of
+        its own while the caller works through this one: at most two batches are held."""
         counters = self.counters
-        while True:
-            records, at_end = reader.batch(batch)
-            for _, msg in records:
-                counters["replayed"] += 1
-                yield msg
-            if at_end:
-                return
+        with concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="meshmq-replay-prefetch") as pool:
+            ahead = pool.submit(reader.batch, batch)
+            while True:
+                records, at_end = ahead.result()
+                if not at_end:
+                    ahead = pool.submit(reader.batch, batch)
+                for _, msg in records:
+                    counters["replayed"] += 1
+                    yield msg
+                if at_end:
+                    return
 
     # ---- replay-then-live and gap repair -------------------------------------------------------
     def replaying(self, spec: HandlerSpec, fn: Callable[..., Any]) -> Callable[[Message], None]:
