@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshmq.patterns._pool import Pool, describe_error
 
-from meshmq._codec import decode, encode
+from meshmq._codec import decode, encode, new_packer
 from meshmq._dispatch import HandlerSpec
 from meshmq._errors import Backpressure, ConfigError, DecodeError, EncodeError, MeshTimeout
 from meshmq._message import Message
@@ -98,7 +98,8 @@ class Pipelines:
         self.max_backlog = max_backlog
         self.workers: dict[str, _LocalWorker] = {}
         self.queues: dict[str, _Queue] = {}
-        self._cv = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)   # entered through _lock on hot paths
         self._outstanding: dict[str, int] = {}
         self._waiters = 0     # threads blocked in push() or wait_done(), under _cv
         # A full queue lets pushers in again once it has drained to this level, not at every
@@ -214,11 +215,11 @@ class Pipelines:
             size += len(encode([key, headers]))  # an unencodable key or header raises here
         node = self.node
         node._require_running()
-        payload = encode(body)  # an unencodable body fails here, at the caller
+        payload = _encode_body(body)  # an unencodable body fails here, at the caller
         if len(payload) > node.max_message_bytes:
             raise EncodeError(f"task body of {len(payload)} bytes is over max_message_bytes="
                               f"{node.max_message_bytes}")
-        with self._cv:
+        with self._lock:
             n = self._outstanding.get(queue, 0)
             if n >= self.max_backlog:
                 if not block:
@@ -235,7 +236,8 @@ class Pipelines:
                 if not ok:
                     raise MeshTimeout(f"queue {queue!r} stayed full for {timeout}s")
                 node._require_running()
-            self._outstanding[queue] = self._outstanding.get(queue, 0) + 1
+                n = self._outstanding.get(queue, 0)
+            self._outstanding[queue] = n + 1
             self.counters["tasks_pushed"] += 1
         tid = task_id or f"{node.id}-t{next(self._ids):x}"
         self._inbox.append(_Task(tid, queue, payload, headers or {}, key, next(self._order),
@@ -401,16 +403,20 @@ class Pipelines:
         if q is None:
             self.counters["late_acks"] += len(ids)
             return
-        inflight = q.inflight
+        inflight, keys = q.inflight, q.keys_inflight
         done: list[_Task] = []
         for tid in ids:
             task = inflight.get(tid) if type(tid) is str else None
             if task is None or task.worker != wid:
                 self.counters["late_acks"] += 1  # e.g. from a worker we had given up on
                 continue
-            self._unassign(q, task)
+            del inflight[tid]      # _unassign, with the credit returned once for all below
+            if task.key is not None:
+                keys.discard(task.key)
+            task.worker = None
             done.append(task)
         if done:
+            q.per_worker[wid] = q.per_worker.get(wid, len(done)) - len(done)
             self._finish(qname, done)
         self._dispatch(qname)
 
@@ -447,7 +453,7 @@ class Pipelines:
     def _finish(self, queue: str, tasks: list[_Task]) -> None:
         n = len(tasks)
         self.counters["tasks_completed"] += n
-        with self._cv:
+        with self._lock:
             before = self._outstanding[queue]
             after = self._outstanding[queue] = before - n
             # wake blocked pushers when the queue drops to the resume level, waiters at zero
@@ -671,3 +677,21 @@ def _task_message(queue: str, body: Any, headers: dict[str, Any], tid: str, sour
     s_att(m, attempt)
     s_key(m, key)
     return m
+
+
+_local = threading.local()
+
+
+def _encode_body(body: Any) -> bytes:
+    """:func:`encode` through a packer kept per thread: ``msgpack.packb`` builds a new Packer
+    on every call, which costs several times the packing of a small body."""
+    try:
+        pack = _local.pack
+    except AttributeError:
+        pack = _local.pack = new_packer().pack
+    try:
+        return pack(body)   # the packer resets itself when packing fails
+    except EncodeError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot encode {type(body).__qualname__}: {exc}") from exc
