@@ -241,7 +241,7 @@ class Pipelines:
             self.counters["tasks_pushed"] += 1
         tid = task_id or f"{node.id}-t{next(self._ids):x}"
         self._inbox.append(_Task(tid, queue, payload, headers or {}, key, next(self._order),
-                                 on_done, size + len(payload) + len(tid)))
+                                 on_done, size + len(payload) + len(tid.encode())))
         if not self._inbox_armed:
             self._inbox_armed = True
             engine = node.engine
@@ -601,12 +601,22 @@ class Pipelines:
             else:
                 fields["bt"] = True   # 12.8: we accept "tasks"
                 engine.send_to(to, "ack", fields)
+        # Pushers choose the ids, so bound the bytes as well as the count (len() counts
+        # characters: up to 4 bytes each in UTF-8).
+        limit = min(BATCH_BYTES, node.max_message_bytes // 2) // 4
         for (to, queue), ids in groups.items():
             if to == node.id:
                 self._acked(to, queue, ids)
                 continue
-            for i in range(0, len(ids), BATCH_ACKS):
-                engine.send_to(to, "acks", {"q": queue, "ids": ids[i:i + BATCH_ACKS]})
+            chunk: list[str] = []
+            size = 0
+            for tid in ids:
+                if chunk and (len(chunk) >= BATCH_ACKS or size + len(tid) > limit):
+                    engine.send_to(to, "acks", {"q": queue, "ids": chunk})
+                    chunk, size = [], 0
+                chunk.append(tid)
+                size += len(tid) + 2
+            engine.send_to(to, "acks", {"q": queue, "ids": chunk})
 
 
 #: ``deadletter.<queue>`` must still be a valid topic.

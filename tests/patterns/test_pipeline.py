@@ -250,3 +250,29 @@ def test_blocked_pushers_resume_when_acks_come_in_batches(
     release.set()
     vent.wait_for_tasks("burst", timeout=10)
     assert sorted(got) == list(range(400))
+
+
+def test_batches_of_big_tasks_stay_under_max_message_bytes(
+        make_node: Callable[..., Node]) -> None:
+    # 20 tasks of 12 KiB fit one worker's credit but not one 64 KiB message: the pusher splits
+    # them (a frame over the receiver's MAXMSGSIZE would make libzmq drop the connection).
+    cap = 64 * 1024
+    vent = make_node("vent", max_message_bytes=cap)
+    worker = make_node("w", peers=[vent.address], max_message_bytes=cap)
+    got: list[int] = []
+    lock = threading.Lock()
+
+    @worker.worker("big", concurrency=16)
+    def work(msg: Message) -> None:
+        with lock:
+            got.append(len(msg.body))
+
+    vent.wait_for_workers("big")
+    vent.push("big", b"x")                  # a first ack tells the pusher it may batch
+    vent.wait_for_tasks("big", timeout=5)
+    for i in range(100):
+        vent.push("big", bytes(12 * 1024 + i))
+    vent.push("big", bytes(cap - 64))       # too big for any batch: travels alone
+    vent.wait_for_tasks("big", timeout=10)
+    assert sorted(got) == sorted([1, cap - 64] + [12 * 1024 + i for i in range(100)])
+    assert vent.stats()["late_acks"] == 0 and worker.stats()["malformed"] == 0
