@@ -11,9 +11,9 @@ from typing import Any
 
 from meshmq._codec import decode, encode
 from meshmq._errors import DecodeError
-from meshmq._message import Message
+from meshmq._message import Message, wire_message
 
-__all__ = ["ENTRY_VERSION", "decode_entry", "encode_entry", "entry_id"]
+__all__ = ["ENTRY_VERSION", "decode_entry", "encode_entry", "entry_id", "entry_topic"]
 
 ENTRY_VERSION = 1
 
@@ -37,7 +37,13 @@ def decode_entry(payload: bytes | memoryview) -> Message:
     """Return the Message stored in ``payload``; DecodeError if it is not an entry."""
     f = _fields(payload)
     headers = f[7] if type(f[7]) is dict else {}
-    return Message(f[6], f[8], headers, f[1], str(f[2]), str(f[3]), f[4], float(f[5]))
+    # wire_message: the frozen dataclass's __init__ would cost more than the unpacking (replay)
+    return wire_message(f[6], f[8], headers, f[1], str(f[2]), str(f[3]), f[4], float(f[5]), 0)
+
+
+def entry_topic(payload: bytes | memoryview) -> str:
+    """Return just the topic of an entry (the journal filters replays by it)."""
+    return str(_fields(payload)[6])
 
 
 def entry_id(payload: bytes | memoryview) -> str:

@@ -116,13 +116,18 @@ def pread(fd: int, size: int, position: int, path: str) -> bytes:
 
 def write_all(fd: int, data: bytes | bytearray) -> None:
     """Write every byte, looping over short writes; raises the OSError of a failed write."""
+    n = os.write(fd, data)
+    if n == len(data):   # the usual case: one call, no memoryview
+        return
     view = memoryview(data)
     done = 0
-    while done < len(view):
-        n = os.write(fd, view[done:])
+    while True:
         if n <= 0:  # a regular file only does this when the device is out of space
             raise OSError(errno.ENOSPC, "write made no progress")
         done += n
+        if done >= len(view):
+            return
+        n = os.write(fd, view[done:])
 
 
 def ftruncate(fd: int, size: int) -> None:

@@ -8,12 +8,15 @@
 It subscribes like any peer, and also serves three RPC services named after its node id (so a
 caller can pin one journal): ``meshmq.journal.<id>.append`` (a publisher's confirm=True path:
 answers once the message is durable), ``.read`` (batches for replay, pulled by the reader:
-flow control) and ``.positions`` (last stored seq per sender and topic: the replay hand-off).
+flow control), ``.positions`` (last stored seq per sender and topic: the replay hand-off),
+``.fetch`` (messages of one sender and topic by seq: gap repair) and ``.lookup`` (where a
+message id is in this journal: replay failover from another journal).
 One writer thread owns every append; readers share the log under one lock. docs/JOURNAL.md.
 """
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import logging
 import math
@@ -22,6 +25,7 @@ import queue
 import signal
 import threading
 import time
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Generator, Iterable
 from typing import Any, cast
@@ -33,7 +37,7 @@ from meshmq._timing import Timing
 from meshmq._topics import check_pattern, matcher
 
 from ._config import DEFAULT_SEGMENT_BYTES
-from ._entry import decode_entry, encode_entry
+from ._entry import decode_entry, encode_entry, entry_topic
 from ._fileio import FatalStorageError
 from ._log import Log
 from ._record import Record
@@ -46,6 +50,11 @@ SERVICE_PREFIX = "meshmq.journal."
 #: Records (and bytes) one read call returns at most: the unit of replay flow control.
 MAX_READ_RECORDS = 5_000
 MAX_READ_BYTES = 4 << 20
+#: Messages one fetch call (gap repair) returns at most.
+MAX_FETCH_RECORDS = 1_000
+#: A confirm=True append that overtook earlier messages of its sender still on their way by
+#: pub/sub waits this long for them, so that the log keeps each sender's order.
+REORDER_HOLD = 0.1
 _STOP: Any = object()
 _Item = tuple[str, str, int, str, bytes, "concurrent.futures.Future[int] | None"]
 
@@ -80,7 +89,14 @@ class Journal:
         self._window = dedup_window
         self._ids: OrderedDict[str, int] = OrderedDict()   # message id -> offset (recent)
         self._last_seq: dict[tuple[str, str], int] = {}    # (source_id, topic) -> last seq
+        # (source_id, topic) -> (seqs, offsets), ascending, for the last ``dedup_window``
+        # records: gap repair looks messages up by seq. Arrays: 16 bytes per record.
+        self._seq_index: dict[tuple[str, str], tuple[array[int], array[int]]] = {}
+        self._indexed = 0
+        self._index_lock = threading.Lock()   # the writer adds, fetch calls read
         self._waiting: deque[tuple[int, concurrent.futures.Future[int]]] = deque()
+        self._held: list[_Item] = []            # appends waiting for earlier messages
+        self._hold_until: dict[str, float] = {}  # message id -> when to store it anyway
         self._writer: threading.Thread | None = None
         self.error: BaseException | None = None   # a fatal storage error: the process must go
         self.failed = threading.Event()
@@ -97,6 +113,8 @@ class Journal:
         self.node.rpc(service_name(jid, "append"), concurrency=1024)(self._rpc_append)
         self.node.rpc(service_name(jid, "read"), concurrency=4)(self._rpc_read)
         self.node.rpc(service_name(jid, "positions"), concurrency=4)(self._rpc_positions)
+        self.node.rpc(service_name(jid, "fetch"), concurrency=4)(self._rpc_fetch)
+        self.node.rpc(service_name(jid, "lookup"), concurrency=4)(self._rpc_lookup)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self) -> Journal:
@@ -225,6 +243,38 @@ class Journal:
         key = (source_id, topic)
         if seq > self._last_seq.get(key, 0):
             self._last_seq[key] = seq
+        with self._index_lock:
+            entry = self._seq_index.get(key)
+            if entry is None:
+                entry = self._seq_index[key] = (array("q"), array("q"))
+            seqs, offsets = entry
+            if not seqs or seq > seqs[-1]:
+                seqs.append(seq)
+                offsets.append(offset)
+            else:  # out of order (a confirm resend overtaking pub/sub): keep the index sorted
+                i = bisect.bisect_left(seqs, seq)
+                if i < len(seqs) and seqs[i] == seq:
+                    return
+                seqs.insert(i, seq)
+                offsets.insert(i, offset)
+            self._indexed += 1
+            if self._indexed > 2 * self._window:
+                self._prune_index(offset + 1 - self._window)
+
+    def _prune_index(self, floor: int) -> None:
+        """Forget index entries of records below offset ``floor`` (index lock held)."""
+        total = 0
+        for key in list(self._seq_index):
+            seqs, offsets = self._seq_index[key]
+            keep = [i for i, off in enumerate(offsets) if off >= floor]
+            if not keep:
+                del self._seq_index[key]
+                continue
+            if len(keep) < len(offsets):
+                self._seq_index[key] = (array("q", (seqs[i] for i in keep)),
+                                        array("q", (offsets[i] for i in keep)))
+            total += len(keep)
+        self._indexed = total
 
     def _write_loop(self) -> None:
         q = self._queue
@@ -234,6 +284,8 @@ class Journal:
         stopping = False
         while not stopping:
             wait = interval if (interval and self._waiting) else 0.25
+            if self._held:
+                wait = min(wait, REORDER_HOLD / 4)
             try:
                 first = q.get(timeout=wait)
             except queue.Empty:
@@ -257,8 +309,8 @@ class Journal:
                         it[5].set_exception(StorageError(5, f"journal failed: {self.error}"))
                 continue
             try:
-                if batch:
-                    self._store(batch)
+                if batch or self._held:
+                    self._store(batch, flush=stopping)
                 now = time.monotonic()
                 if interval:
                     with self._lock:
@@ -273,8 +325,13 @@ class Journal:
                 logger.error("journal %s: %s", log.directory, exc)
             self._ack_durable()
 
-    def _store(self, batch: list[_Item]) -> None:
-        """Append the new messages of ``batch`` in one write; settle or park every future."""
+    def _store(self, batch: list[_Item], flush: bool = False) -> None:
+        """Append the new messages of ``batch`` in one write; settle or park every future.
+
+        An append (confirm=True) whose sender's earlier messages are not stored yet is held
+        for up to ``REORDER_HOLD`` s (they are usually still on their way by pub/sub), so
+        that the log, and every replay, keeps each sender's order per topic.
+        """
         log = self.log
         ids = self._ids
         fresh: dict[str, int] = {}
@@ -283,13 +340,30 @@ class Journal:
         dups: list[tuple[str, concurrent.futures.Future[int]]] = []
         next_offset = log.next_offset
         now = time.time()
+        if self._held:   # after the new items, which may be the ones they wait for
+            batch = batch + self._held
+            self._held = []
+        clock = time.monotonic()
+        hold = self._hold_until
+        expected: dict[tuple[str, str], int] = {}
         for it in batch:
             msg_id = it[0]
             if msg_id in ids or msg_id in fresh:
                 self.counters["duplicates"] += 1
+                hold.pop(msg_id, None)
                 if it[5] is not None:
                     dups.append((msg_id, it[5]))
                 continue
+            key = (it[1], it[3])
+            nxt = expected.get(key)
+            if nxt is None:
+                nxt = self._last_seq.get(key, 0) + 1
+            if it[5] is not None and it[2] > nxt and not flush and \
+                    clock < hold.setdefault(msg_id, clock + REORDER_HOLD):
+                self._held.append(it)
+                continue
+            hold.pop(msg_id, None)
+            expected[key] = max(nxt, it[2] + 1)
             fresh[msg_id] = next_offset + len(items)
             items.append((it[4], now))
             rows.append(it)
@@ -365,6 +439,8 @@ class Journal:
         ``next`` (where the following call starts), ``end`` (the log's end then) and ``first``.
         """
         match = matcher(check_pattern(pattern)) if pattern else None
+        if pattern is not None and (pattern == ">" or self.topics == [pattern]):
+            match = None   # everything stored matches: no need to look at each topic
         max_records = max(1, min(int(max_records), MAX_READ_RECORDS))
         max_bytes = max(1, min(int(max_bytes), MAX_READ_BYTES))
         scan_limit = max_records * 20   # bound the work a sparse pattern can cause per call
@@ -381,7 +457,7 @@ class Journal:
                 for record in records:
                     nxt = record.offset + 1
                     scanned += 1
-                    if match is None or match(decode_entry(record.payload).topic):
+                    if match is None or match(entry_topic(record.payload)):
                         out.append([record.offset, record.timestamp, record.payload])
                         size += len(record.payload)
                         if len(out) >= max_records or size >= max_bytes:
@@ -410,4 +486,44 @@ class Journal:
         """For each [source_id, topic], the highest seq stored (0 if none)."""
         last = self._last_seq
         return [last.get((str(k[0]), str(k[1])), 0) for k in keys]
+
+    def _rpc_fetch(self, source_id: str, topic: str, first_seq: int, last_seq: int,
+                   max_records: int = MAX_FETCH_RECORDS) -> dict[str, Any]:
+        """Gap repair: the stored messages of one sender and topic with first <= seq <= last.
+
+        Returns ``records`` (``[offset, time, entry]``, by seq), ``stored`` (the highest seq
+        stored for that sender and topic: a reader whose gap ends above it may ask again
+        later) and ``floor`` (the lowest seq still indexed; older ones are out of the window).
+        """
+        key = (str(source_id), str(topic))
+        first, last = int(first_seq), int(last_seq)
+        limit = max(1, min(int(max_records), MAX_FETCH_RECORDS))
+        with self._index_lock:
+            entry = self._seq_index.get(key)
+            if entry is None:
+                wanted: list[int] = []
+                floor = None
+            else:
+                seqs, offsets = entry
+                lo = bisect.bisect_left(seqs, first)
+                hi = min(bisect.bisect_right(seqs, last), lo + limit)
+                wanted = list(offsets[lo:hi])
+                floor = seqs[0] if seqs else None
+        out: list[list[Any]] = []
+        with self._lock:
+            for offset in wanted:
+                out.extend([r.offset, r.timestamp, r.payload]
+                           for r in self.log.read(offset, offset + 1))
+        return {"records": out, "stored": self._last_seq.get(key, 0), "floor": floor}
+
+    def _rpc_lookup(self, ids: list[str]) -> list[list[Any] | None]:
+        """For each message id, ``[offset, time]`` in this journal, or None if it is not among
+        the last ``dedup_window`` records (replay failover resumes from there)."""
+        out: list[list[Any] | None] = []
+        with self._lock:
+            for msg_id in ids:
+                offset = self._ids.get(str(msg_id))
+                found = list(self.log.read(offset, offset + 1)) if offset is not None else []
+                out.append([found[0].offset, found[0].timestamp] if found else None)
+        return out
 

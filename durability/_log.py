@@ -217,21 +217,29 @@ class Log:
 
     def append(self, payload: bytes, timestamp: float) -> int:
         """Append one record and return its offset (durable on return if fsync="always")."""
-        return self.append_many(((payload, timestamp),))[0]
+        first = self._next_offset
+        self._append(((payload, timestamp),))
+        return first
 
     def append_many(self, items: Iterable[tuple[bytes, float]]) -> list[int]:
         """Append (payload, timestamp) records with one write (and one fsync); return offsets.
 
         All or nothing: on StorageError or ConfigError no record of the batch is appended.
         """
-        self._check_writable()
+        first = self._next_offset
+        return list(range(first, self._append(items)))
+
+    def _append(self, items: Iterable[tuple[bytes, float]]) -> int:
+        """append_many without the list of offsets: returns the next offset after the batch."""
+        if self._closed or self._failure is not None:
+            self._check_writable()
         seg = self._active
         if seg.size >= self._config.segment_bytes:
             seg = self._roll()
         first = self._next_offset
         pending = seg.encode(items, first, self._max_payload)
         if not pending.count:
-            return []
+            return first
         try:
             seg.write(pending.data)
             if self._config.mode == "always":
@@ -250,7 +258,7 @@ class Log:
         if self._config.mode != "interval":
             seg.unsynced = self._config.mode == "never"
             self._durable_offset = self._next_offset
-        return list(range(first, self._next_offset))
+        return self._next_offset
 
     def _roll(self) -> Segment:
         """Seal the full active segment (sync, write its index) and start a new one."""

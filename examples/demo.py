@@ -1,10 +1,14 @@
-"""The meshmq demo: nine processes on this machine find each other and do three kinds of work.
+"""The meshmq demo: eleven processes on this machine find each other and do four kinds of work.
 
     make demo                     # or: MESHMQ_INTERFACES=127.0.0.1 python examples/demo.py
 
-It starts every other example as its own OS process, exactly as you would in nine terminals:
+It starts every other example as its own OS process, exactly as you would in eleven terminals:
 
 * pub/sub:   pubsub_publisher.py -> pubsub_subscriber.py (topic ``orders.created``)
+* journal:   ``meshmq journal`` stores the orders (in a temporary directory, removed at the end);
+             the publisher waits until each one is on disk (``confirm=True``), and a late
+             subscriber (``auditor``, started halfway) first replays what it missed from the
+             journal, then continues live: every order once, none missed
 * pipeline:  pipeline_ventilator.py -> 2 x pipeline_worker.py -> pipeline_sink.py;
              one worker is killed with SIGKILL halfway: its unacknowledged task goes to
              the other worker (attempt=2) and the sink still gets every result once
@@ -22,9 +26,11 @@ import argparse
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -60,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     show.start()
 
     def start(label: str, script: str, *a: str) -> Script:
-        p = Script([str(HERE / script), *a],
+        argv = [str(HERE / script)] if script.endswith(".py") else [sys.executable, "-m", script]
+        p = Script([*argv, *a],
                    on_line=lambda line: out.put(f"{label:>{WIDTH}} | {line}"))
         procs.append(p)
         return p
@@ -77,10 +84,15 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     problems: list[str] = []
+    data = tempfile.mkdtemp(prefix="meshmq-demo-journal-")
+    auditor: Script | None = None
     try:
-        print(f"meshmq demo: 9 processes, discovery={args.discovery}, "
+        print(f"meshmq demo: 11 processes, discovery={args.discovery}, "
               f"interfaces={os.environ['MESHMQ_INTERFACES']}", flush=True)
         flag = ["--static"] if static else []
+        journal = start("journal", "meshmq.cli", "journal", "--dir", data, "--topics",
+                        "orders.>", "--fsync", "always", "--quiet",
+                        "--discovery", args.discovery)
         # The sink runs until the ventilator is done: a task redone after the worker kill
         # re-emits its result, which the sink must still acknowledge (as a duplicate).
         sink = start("sink", "pipeline_sink.py", *flag)
@@ -89,12 +101,23 @@ def main(argv: list[str] | None = None) -> int:
         workers = [start(f"worker-{i}", "pipeline_worker.py", "--name", f"worker-{i}",
                          "--delay", "0.05", *peers(vent, sink)) for i in (1, 2)]
         sub = start("subscriber", "pubsub_subscriber.py", "--count", "10", *flag)
+        # It waits for two subscribers: the subscriber and the journal.
         pub = start("publisher", "pubsub_publisher.py", "--count", "10", "--interval", "0.1",
-                    *peers(sub))
+                    "--confirm", "--subscribers", "2", *peers(sub, journal))
+        auditor_peers = peers(pub, journal)   # before expect() reads past "listening on"
         servers = [start(f"inventory-{i}", "rpc_server.py", "--name", f"inventory-{i}", *flag)
                    for i in (1, 2)]
         client = start("rpc-client", "rpc_client.py", "--calls", "6", "--servers", "2",
                        "--timeout", str(args.timeout), *peers(*servers))
+
+        # Halfway through the orders, a subscriber that missed the first ones joins: it gets
+        # them from the journal, then the rest live.
+        try:
+            pub.expect("order=5 ", args.timeout)
+        except TimeoutError as exc:
+            problems.append(str(exc))
+        auditor = start("auditor", "pubsub_subscriber.py", "--name", "auditor", "--replay",
+                        "earliest", "--count", "10", *flag, *auditor_peers)
 
         # Halfway through the pipeline, kill worker-2 without warning.
         try:
@@ -107,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         out.put(f"{'demo':>{WIDTH}} | killing worker-2 with SIGKILL (no goodbye, tasks in hand)")
         workers[1].stop(signal.SIGKILL)
 
-        for p, what in ((vent, "ventilator"), (pub, "publisher"),
-                        (sub, "subscriber"), (client, "rpc client")):
+        for p, what in ((vent, "ventilator"), (pub, "publisher"), (sub, "subscriber"),
+                        (auditor, "auditor"), (client, "rpc client")):
             try:
                 if p.wait(max(1.0, args.timeout - (time.monotonic() - started))) != 0:
                     problems.append(f"{what} exited with {p.proc.returncode}")
@@ -123,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             p.stop(signal.SIGINT)
         printer_stop.set()
         show.join(5)
-    if len(procs) < 9:
+        shutil.rmtree(data, ignore_errors=True)
+    if len(procs) < 11 or auditor is None:
         for problem in problems:
             print(f"demo problem: {problem}", file=sys.stderr, flush=True)
         return 1
@@ -135,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     print(file=sys.stderr if problems else sys.stdout, flush=True)
     print("summary:", flush=True)
     print(f"  pub/sub : {_count(sub, r'^received ')} of 10 orders received", flush=True)
+    audited = sorted({int(m.group(1)) for line in auditor.lines
+                      if (m := re.search(r"'order': (\d+)", line)) and line.startswith("received")})
+    split = _search(auditor, r"\((\d+) replayed from a journal, (\d+) live\)")
+    print(f"  journal : {_count(pub, r'on disk')} of 10 orders confirmed on disk; the late "
+          f"auditor got {len(audited)} of 10, each once "
+          f"({split.group(1) if split else '?'} replayed, {split.group(2) if split else '?'} "
+          f"live)", flush=True)
     print(f"  pipeline: {unique} of {args.tasks} results at the sink, each once; "
           f"{redone.group(1) if redone else '?'} task(s) redelivered after worker-2 was killed",
           flush=True)
@@ -144,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {time.monotonic() - started:.1f}s in all", flush=True)
     if unique != args.tasks:
         problems.append(f"sink has {unique} of {args.tasks} results")
+    if audited != list(range(1, 11)) or _count(auditor, r"^received ") != 10:
+        problems.append(f"the auditor got orders {audited}")
     for problem in problems:
         print(f"demo problem: {problem}", file=sys.stderr, flush=True)
     return 1 if problems else 0

@@ -2,6 +2,8 @@
 
     MESHMQ_INTERFACES=127.0.0.1 python examples/pubsub_publisher.py            # find peers by mDNS
     python examples/pubsub_publisher.py --peer tcp://127.0.0.1:7002              # or dial one
+    python examples/pubsub_publisher.py --confirm     # each returns once a journal has it on disk
+                                                      # (run `meshmq journal --dir ./data` too)
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=10, help="messages to send (0: until Ctrl-C)")
     ap.add_argument("--interval", type=float, default=0.2, help="seconds between messages")
     ap.add_argument("--subscribers", type=int, default=1, help="wait for this many first")
+    ap.add_argument("--confirm", action="store_true",
+                    help="wait until a journal has each message on disk (meshmq journal)")
     args = ap.parse_args(argv)
 
     stop = threading.Event()
@@ -33,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
             print("no subscriber after 30 s; publishing anyway", flush=True)
         counter = itertools.count(1) if args.count == 0 else range(1, args.count + 1)
         for i in counter:
-            node.publish(args.topic, {"order": i, "amount": 10 * i})
-            print(f"published {args.topic} order={i}", flush=True)
+            node.publish(args.topic, {"order": i, "amount": 10 * i}, confirm=args.confirm,
+                         timeout=30.0)
+            print(f"published {args.topic} order={i}{' (on disk)' if args.confirm else ''}",
+                  flush=True)
             if stop.wait(args.interval):
                 break
         print(f"done: {node.stats()['sent']} sent", flush=True)

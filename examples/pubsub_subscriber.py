@@ -2,6 +2,7 @@
 
     MESHMQ_INTERFACES=127.0.0.1 python examples/pubsub_subscriber.py           # find peers by mDNS
     python examples/pubsub_subscriber.py --port 7002                              # or be dialled
+    python examples/pubsub_subscriber.py --replay earliest   # what a journal stored, then live
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--static", action="store_true", help="no mDNS even without --peer")
     ap.add_argument("--pattern", default="orders.*")
     ap.add_argument("--count", type=int, default=0, help="exit after this many (0: Ctrl-C)")
+    ap.add_argument("--replay", default=None, metavar="FROM",
+                    help="earliest, latest or an offset: first get what a journal stored "
+                         "(meshmq journal), then continue live, no gap, no duplicate")
+    ap.add_argument("--repair", action="store_true",
+                    help="fetch messages dropped on the way from a journal (on with --replay)")
     args = ap.parse_args(argv)
 
     node = Node(args.name, peers=args.peer if args.peer or not args.static else [],
@@ -27,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     received = 0
     enough = threading.Event()
 
-    @node.subscribe(args.pattern)
+    options: dict[str, object] = {}
+    if args.replay is not None:
+        options["replay"] = int(args.replay) if args.replay.isdigit() else args.replay
+    if args.repair:
+        options["repair"] = True
+
+    @node.subscribe(args.pattern, **options)
     def on_order(msg: Message) -> None:
         nonlocal received
         received += 1
@@ -48,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         node.stop()
     else:
         node.run()  # until Ctrl-C / SIGTERM
-    print(f"done: {received} received, stats {node.stats()}", flush=True)
+    stats = node.stats()
+    if args.replay is not None:
+        print(f"done: {received} received ({stats['replayed']} replayed from a journal, "
+              f"{stats['replay_live']} live)", flush=True)
+    print(f"done: {received} received, stats {stats}", flush=True)
     return 0
 
 

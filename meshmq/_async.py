@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any, TypeVar
 
-from meshmq._errors import Backpressure, MeshTimeout, NodeClosed
+from meshmq._errors import Backpressure, ConfigError, MeshTimeout, NodeClosed
+from meshmq._message import Message
 from meshmq._node import Node
 from meshmq._peers import PeerInfo
 from meshmq._topics import check_topic
@@ -122,9 +124,43 @@ class AsyncNode:
         await self.stop()
 
     async def publish(self, topic: str, body: Any = None,
-                      headers: dict[str, Any] | None = None) -> str:
-        # Publishing never blocks (ZeroMQ drops past the high-water mark), so no thread hop.
-        return self.node.publish(topic, body, headers)
+                      headers: dict[str, Any] | None = None, *, confirm: bool = False,
+                      timeout: float = 5.0) -> str:
+        """Publish; with ``confirm=True``, return once a journal has it on disk (see Node)."""
+        if not confirm:
+            # Publishing never blocks (ZeroMQ drops past the high-water mark): no thread hop.
+            return self.node.publish(topic, body, headers)
+        return await in_thread(lambda: self.node.publish(topic, body, headers, confirm=True,
+                                                         timeout=timeout))
+
+    async def replay(self, pattern: str, since: Any = "earliest", until: Any = None, *,
+                     batch: int = 1000, timeout: float = 5.0, pace: str = "fast"
+                     ) -> AsyncIterator[Message]:
+        """``async for msg in node.replay(...)``: stored messages from a journal, as
+        :meth:`Node.replay`. Batches are pulled in a thread, one at a time (flow control);
+        ``pace="original"`` waits on the loop, never blocking it."""
+        if pace not in ("fast", "original"):
+            raise ConfigError(f'pace must be "fast" or "original", not {pace!r}')
+        messages = await in_thread(lambda: self.node.replay(pattern, since, until, batch=batch,
+                                                            timeout=timeout))
+        origin: tuple[float, float] | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                chunk = await in_thread(lambda: list(itertools.islice(messages, batch)))
+                for msg in chunk:
+                    if pace == "original":
+                        if origin is None:
+                            origin = (msg.timestamp, loop.time())
+                        elif (delay := origin[1] + msg.timestamp - origin[0] - loop.time()) > 0:
+                            await asyncio.sleep(delay)
+                    yield msg
+                if len(chunk) < batch:
+                    return
+        finally:
+            close = getattr(messages, "close", None)
+            if close is not None:
+                close()
 
     def worker(self, queue: str, **options: Any) -> Callable[[F], F]:
         return self.node.worker(queue, **options)

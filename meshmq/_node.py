@@ -65,6 +65,8 @@ late_acks       acks for tasks already given to another worker (counted, ignored
 backpressure_rejects  push(block=False) calls refused with Backpressure
 calls_*         RPC: made, served, raised (our handler raised), retried (server died, retry=True),
                 failed_remote (a RemoteError came back), pending
+confirmed, confirm_resends, replay*, repaired, gaps_unrepaired
+                with a journal (once the node used one): see docs/JOURNAL.md
 """
 
 
@@ -264,8 +266,18 @@ class Node:
 
     # ---- handlers --------------------------------------------------------------------------
     def subscribe(self, pattern: str, **options: Any) -> Callable[[F], F]:
-        """Decorator: deliver messages whose topic matches ``pattern`` to the function."""
+        """Decorator: deliver messages whose topic matches ``pattern`` to the function.
+
+        With a journal (meshmq.durability, docs/JOURNAL.md): ``replay="earliest" | <offset> |
+        <datetime> | "latest"`` first delivers the stored messages from that point, then the
+        live ones, with no gap and no duplicate; ``repair=True`` (the default with ``replay``)
+        fetches messages missed live (high-water-mark drops, a full handler queue) from a
+        journal and delivers them, in order, before the message that revealed the gap.
+        """
         check_pattern(pattern)
+        unknown = set(options) - {"replay", "repair"}
+        if unknown:
+            raise ConfigError(f"unknown subscribe option(s): {', '.join(sorted(unknown))}")
 
         def deco(fn: F) -> F:
             spec = HandlerSpec("subscribe", pattern, dict(options))
@@ -302,7 +314,8 @@ class Node:
     def _bind(self, spec: HandlerSpec, fn: Callable[..., Any]) -> None:
         label = f"{spec.kind}:{spec.name}:{getattr(fn, '__qualname__', type(fn).__name__)}"
         if spec.kind == "subscribe":
-            if spec.options.get("replay") is not None:  # meshmq.durability: replay, then live
+            if spec.options.get("replay") is not None or spec.options.get("repair"):
+                # meshmq.durability: replay, then live; and/or gap repair from a journal
                 fn = self._journal_client().replaying(spec, fn)
             runner = make_runner(fn, label, self.max_pending, self._handler_loop)
             self._runners.append(runner)
@@ -616,7 +629,8 @@ class Node:
             "oversized": e.oversized if e else 0,
             "gaps": e.gaps if e else 0,
             "gaps_by_sender": dict(e.gaps_by_sender) if e else {},
-            "handler_errors": sum(r.errors for r in runners),
+            "handler_errors": sum(r.errors for r in runners) + getattr(
+                getattr(self, "_journal", None), "handler_errors", 0),
             "peers": len(e.peers) if e else 0,
             "peer_joins": e.peer_joins if e else 0,
             "peer_leaves": e.peer_leaves if e else 0,

@@ -6,6 +6,13 @@ tasks it takes at once (its credit) and how many failures a task may have; the p
 task only to a worker with free credit (fair dispatch: a slow worker gets fewer), keeps it until
 the worker's handler returns, and on a failure, or when the worker dies (heartbeat timeout or
 goodbye), delivers it again with ``attempt`` incremented. Delivery is at-least-once.
+
+Per task, the hot path is kept to a few dict operations: ``push`` appends to an inbox and wakes
+the I/O thread only when it is not already due to drain it; tasks going to one worker at once
+travel in one ``tasks`` message, and completions a worker's handlers finish while its I/O thread
+is busy go back in one ``acks`` message (each still only after its handler returned). Both
+batched forms go only to peers known to accept them (docs/PROTOCOL.md 12.8); everything else
+uses the single ``task`` / ``ack`` forms.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshmq.patterns._pool import Pool, describe_error
 
-from meshmq._codec import decode, encode
+from meshmq._codec import decode, encode, new_packer
 from meshmq._dispatch import HandlerSpec
 from meshmq._errors import Backpressure, ConfigError, DecodeError, EncodeError, MeshTimeout
 from meshmq._message import Message
@@ -37,23 +44,33 @@ __all__ = ["Pipelines"]
 log = logging.getLogger("meshmq")
 DEFAULT_PREFETCH = 4  # tasks a worker holds beyond those running, unless told
 KEY_SCAN = 10_000   # how deep dispatch looks past tasks whose key's worker is busy
+BATCH_BYTES = 256 * 1024   # a tasks/acks message carries at most about this much
+BATCH_ACKS = 4096          # ... and at most this many ids
+_TASK_OVERHEAD = 24        # msgpack framing of one entry of a tasks message, rounded up
 
 
-@dataclass(eq=False)
 class _Task:
-    id: str
-    queue: str
-    body: bytes                 # msgpack of the body, encoded once at push()
-    headers: dict[str, Any]
-    key: Any
-    order: int
-    deliveries: int = 0
-    failures: int = 0
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    worker: str | None = None
-    # Called on the I/O thread once the task is finished (acknowledged or dead-lettered):
-    # an emitted task acknowledges the task that produced it only then (chained acks).
-    on_done: Callable[[], None] | None = None
+    """A task this node pushed, from push() until it is finished."""
+
+    __slots__ = ("id", "queue", "body", "headers", "key", "order", "deliveries", "failures",
+                 "errors", "worker", "on_done", "size")
+
+    def __init__(self, tid: str, queue: str, body: bytes, headers: dict[str, Any], key: Any,
+                 order: int, on_done: Callable[[], None] | None, size: int) -> None:
+        self.id = tid
+        self.queue = queue
+        self.body = body                 # msgpack of the body, encoded once at push()
+        self.headers = headers
+        self.key = key
+        self.order = order
+        self.deliveries = 0
+        self.failures = 0
+        self.errors: list[dict[str, Any]] | None = None
+        self.worker: str | None = None
+        # Called on the I/O thread once the task is finished (acknowledged or dead-lettered):
+        # an emitted task acknowledges the task that produced it only then (chained acks).
+        self.on_done = on_done
+        self.size = size                 # bytes it adds to a tasks message, about
 
 
 @dataclass
@@ -81,7 +98,8 @@ class Pipelines:
         self.max_backlog = max_backlog
         self.workers: dict[str, _LocalWorker] = {}
         self.queues: dict[str, _Queue] = {}
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)   # entered through _lock on hot paths
         self._outstanding: dict[str, int] = {}
         self._waiters = 0     # threads blocked in push() or wait_done(), under _cv
         # A full queue lets pushers in again once it has drained to this level, not at every
@@ -89,6 +107,19 @@ class Pipelines:
         self._resume_at = max(0, max_backlog - max(1, max_backlog // 8))
         self._ids = itertools.count(1)
         self._order = itertools.count()
+        self._queue_ok: set[str] = set()      # queue names push() has already checked
+        # Hand-offs to the I/O thread. Any thread appends; the I/O thread pops until empty.
+        # ``*_armed`` is True while a drain is already due: appenders then skip the wake-up
+        # (the drain clears it before it pops, so nothing appended is ever left behind).
+        self._inbox: deque[_Task] = deque()
+        self._inbox_armed = False
+        self._outbox: deque[tuple[str, str, str, bool, Any]] = deque()   # finished handlers
+        self._outbox_armed = False
+        # I/O thread only: peers known to accept the batched forms (12.8), and the workers of
+        # each queue with their credit (rebuilt when peers or local workers change).
+        self._batch_workers: set[str] = set()    # sent us an ack with "bt", or an "acks"
+        self._batch_pushers: set[str] = set()    # sent us a "tasks"
+        self._caps: dict[str, tuple[dict[str, int], list[str]]] = {}
         self.counters = {"tasks_pushed": 0, "tasks_completed": 0, "tasks_redelivered": 0,
                          "tasks_failed": 0, "deadlettered": 0, "late_acks": 0,
                          "backpressure_rejects": 0, "tasks_worked": 0}
@@ -104,7 +135,7 @@ class Pipelines:
                                                opts["max_attempts"],
                                                opts.get("emit"))
         if node.engine is not None:
-            node.engine.call(lambda: self._dispatch(spec.name))
+            node.engine.call(lambda: self._workers_changed(spec.name))
         return True
 
     def offer_fields(self) -> dict[str, Any]:
@@ -126,7 +157,11 @@ class Pipelines:
         return out
 
     def on_control(self, kind: str, fields: dict[str, Any], peer_id: str) -> bool:
-        if kind == "task":
+        if kind == "acks":
+            self._on_acks(peer_id, fields)
+        elif kind == "tasks":
+            self._on_tasks(fields, peer_id)
+        elif kind == "task":
             self._on_task(fields, peer_id)
         elif kind == "ack":
             self._on_ack(peer_id, fields)
@@ -135,12 +170,16 @@ class Pipelines:
         return True
 
     def on_peer_join(self, info: PeerInfo) -> None:
+        self._caps.clear()
         for q in info.queues:
             self._dispatch(q)
 
     on_peer_update = on_peer_join
 
     def on_peer_leave(self, info: PeerInfo) -> None:
+        self._caps.clear()
+        self._batch_workers.discard(info.id)
+        self._batch_pushers.discard(info.id)
         for qname, q in self.queues.items():
             lost = sorted((t for t in q.inflight.values() if t.worker == info.id),
                           key=lambda t: t.order)
@@ -158,7 +197,10 @@ class Pipelines:
     def push(self, queue: str, body: Any, key: Any = None, headers: dict[str, Any] | None = None,
              block: bool = True, timeout: float | None = None, task_id: str | None = None,
              on_done: Callable[[], None] | None = None) -> str:
-        check_queue(queue)
+        if type(queue) is not str or queue not in self._queue_ok:
+            check_queue(queue)
+            if len(self._queue_ok) < 4096:
+                self._queue_ok.add(queue)
         # Everything that travels is checked here, at the caller: nothing a caller passes may
         # fail later on the I/O thread (that would stop the node).
         if headers is not None and type(headers) is not dict:
@@ -168,15 +210,16 @@ class Pipelines:
                 hash(key)
             except TypeError:
                 raise ConfigError(f"key must be hashable, not {type(key).__name__}") from None
+        size = _TASK_OVERHEAD
         if key is not None or headers:
-            encode([key, headers])  # an unencodable key or header raises EncodeError here
+            size += len(encode([key, headers]))  # an unencodable key or header raises here
         node = self.node
         node._require_running()
-        payload = encode(body)  # an unencodable body fails here, at the caller
+        payload = _encode_body(body)  # an unencodable body fails here, at the caller
         if len(payload) > node.max_message_bytes:
             raise EncodeError(f"task body of {len(payload)} bytes is over max_message_bytes="
                               f"{node.max_message_bytes}")
-        with self._cv:
+        with self._lock:
             n = self._outstanding.get(queue, 0)
             if n >= self.max_backlog:
                 if not block:
@@ -193,12 +236,17 @@ class Pipelines:
                 if not ok:
                     raise MeshTimeout(f"queue {queue!r} stayed full for {timeout}s")
                 node._require_running()
-            self._outstanding[queue] = self._outstanding.get(queue, 0) + 1
+                n = self._outstanding.get(queue, 0)
+            self._outstanding[queue] = n + 1
             self.counters["tasks_pushed"] += 1
         tid = task_id or f"{node.id}-t{next(self._ids):x}"
-        task = _Task(tid, queue, payload, headers or {}, key, next(self._order), on_done=on_done)
-        assert node.engine is not None
-        node.engine.call(lambda: self._enqueue(task))
+        self._inbox.append(_Task(tid, queue, payload, headers or {}, key, next(self._order),
+                                 on_done, size + len(payload) + len(tid.encode())))
+        if not self._inbox_armed:
+            self._inbox_armed = True
+            engine = node.engine
+            assert engine is not None
+            engine.call(self._take_inbox)
         return tid
 
     def wait_done(self, queue: str | None, timeout: float | None) -> bool:
@@ -220,64 +268,116 @@ class Pipelines:
         return n + (1 if queue in self.workers else 0)
 
     # ---- I/O thread: the pushing side ------------------------------------------------------------
-    def _enqueue(self, task: _Task) -> None:
-        q = self.queues.get(task.queue)
-        if q is None:
-            q = self.queues[task.queue] = _Queue()
-        q.backlog.append(task)
-        self._dispatch(task.queue)
+    def _take_inbox(self) -> None:
+        """Move every task push() handed over into its queue's backlog, then dispatch."""
+        self._inbox_armed = False   # before popping: a task appended after this wakes us again
+        pop, queues = self._inbox.popleft, self.queues
+        touched: dict[str, None] = {}
+        while True:
+            try:
+                task = pop()
+            except IndexError:
+                break
+            q = queues.get(task.queue)
+            if q is None:
+                q = queues[task.queue] = _Queue()
+            q.backlog.append(task)
+            touched[task.queue] = None
+        for name in touched:
+            self._dispatch(name)
 
-    def _candidates(self, queue: str) -> dict[str, int]:
-        """Workers of ``queue`` and their credit (tasks they take at once)."""
+    def _workers_changed(self, queue: str) -> None:
+        self._caps.clear()
+        self._dispatch(queue)
+
+    def _candidates(self, queue: str) -> tuple[dict[str, int], list[str]]:
+        """Workers of ``queue`` with their credit (tasks they take at once), and their ids in
+        rendezvous order. Cached until a peer joins, changes or leaves, or a worker is bound."""
+        found = self._caps.get(queue)
+        if found is not None:
+            return found
         engine = self.node.engine
         assert engine is not None
-        out = {pid: p.info.queues[queue][0] for pid, p in engine.peers.items()
-               if queue in p.info.queues}
+        caps = {pid: p.info.queues[queue][0] for pid, p in engine.peers.items()
+                if queue in p.info.queues}
         local = self.workers.get(queue)
         if local is not None:
-            out[self.node.id] = local.credit
-        return out
+            caps[self.node.id] = local.credit
+        found = self._caps[queue] = (caps, sorted(caps))
+        return found
 
     def _dispatch(self, queue: str) -> None:
         q = self.queues.get(queue)
         if q is None or not q.backlog:
             return
-        caps = self._candidates(queue)
+        caps, ranked = self._candidates(queue)
         if not caps:
             return
-        free = {w: cap - q.per_worker.get(w, 0) for w, cap in caps.items()}
+        per_worker = q.per_worker
+        free = {w: cap - per_worker.get(w, 0) for w, cap in caps.items()}
         total = sum(f for f in free.values() if f > 0)
-        ranked = sorted(caps)
+        if total <= 0:
+            return
+        only = ranked[0] if len(ranked) == 1 else None
+        backlog, inflight, keys_inflight = q.backlog, q.inflight, q.keys_inflight
+        out: dict[str, list[_Task]] = {}
         kept: list[_Task] = []
         scanned = 0
-        while q.backlog and total > 0 and scanned < KEY_SCAN:
-            task = q.backlog.popleft()
+        while backlog and total > 0 and scanned < KEY_SCAN:
+            task = backlog.popleft()
             scanned += 1
             if task.key is not None:
-                wid = _rendezvous(task.key, ranked)
-                if free[wid] <= 0 or task.key in q.keys_inflight:
+                wid = only or _rendezvous(task.key, ranked)
+                if free[wid] <= 0 or task.key in keys_inflight:
                     kept.append(task)  # waits for its worker, in order
                     continue
-                q.keys_inflight.add(task.key)
+                keys_inflight.add(task.key)
             else:
-                wid = max(free, key=free.__getitem__)
+                wid = only or max(free, key=free.__getitem__)
             free[wid] -= 1
             total -= 1
-            self._send(q, task, wid)
-        q.backlog.extendleft(reversed(kept))
+            task.worker = wid
+            task.deliveries += 1
+            inflight[task.id] = task
+            batch = out.get(wid)
+            if batch is None:
+                out[wid] = [task]
+            else:
+                batch.append(task)
+        backlog.extendleft(reversed(kept))
+        for wid, tasks in out.items():
+            per_worker[wid] = per_worker.get(wid, 0) + len(tasks)
+            self._deliver(queue, wid, tasks)
 
-    def _send(self, q: _Queue, task: _Task, wid: str) -> None:
-        task.worker = wid
-        task.deliveries += 1
-        q.inflight[task.id] = task
-        q.per_worker[wid] = q.per_worker.get(wid, 0) + 1
+    def _deliver(self, queue: str, wid: str, tasks: list[_Task]) -> None:
+        """Send tasks just assigned to worker ``wid`` (or run them here, if it is this node)."""
         node = self.node
+        engine = node.engine
+        assert engine is not None
         if wid == node.id:
-            self._run_local(task, node.name, node.id)
+            now = time.time()
+            for t in tasks:
+                self._run(queue, t.id, t.deliveries, t.key, t.headers, t.body, node.name,
+                          node.id, now)
             return
-        assert node.engine is not None
-        node.engine.send_to(wid, "task", {"q": task.queue, "id": task.id, "att": task.deliveries,
-                                          "key": task.key, "h": task.headers, "b": task.body})
+        if wid in self._batch_workers:
+            limit = min(BATCH_BYTES, node.max_message_bytes // 2)
+            entries: list[list[Any]] = []
+            size = 0
+            for t in tasks:
+                if entries and size + t.size > limit:
+                    engine.send_to(wid, "tasks", {"q": queue, "t": entries})
+                    entries, size = [], 0
+                if t.size > limit:   # a big one travels alone, as it always did
+                    engine.send_to(wid, "task", _task_fields(t))
+                    continue
+                entries.append([t.id, t.deliveries, t.key, t.headers, t.body])
+                size += t.size
+            if entries:
+                engine.send_to(wid, "tasks", {"q": queue, "t": entries})
+            return
+        for t in tasks:
+            engine.send_to(wid, "task", _task_fields(t))
 
     def _unassign(self, q: _Queue, task: _Task) -> None:
         q.inflight.pop(task.id, None)
@@ -287,7 +387,42 @@ class Pipelines:
             q.keys_inflight.discard(task.key)
         task.worker = None
 
+    def _on_acks(self, wid: str, fields: dict[str, Any]) -> None:
+        """A batch of successful acks (12.8): the same as one ``ack`` with ``ok`` per id."""
+        qname, ids = fields.get("q"), fields.get("ids")
+        if type(qname) is not str or type(ids) is not list:
+            engine = self.node.engine
+            assert engine is not None
+            engine.malformed += 1
+            return
+        self._batch_workers.add(wid)
+        self._acked(wid, qname, ids)
+
+    def _acked(self, wid: str, qname: str, ids: list[Any]) -> None:
+        q = self.queues.get(qname)
+        if q is None:
+            self.counters["late_acks"] += len(ids)
+            return
+        inflight, keys = q.inflight, q.keys_inflight
+        done: list[_Task] = []
+        for tid in ids:
+            task = inflight.get(tid) if type(tid) is str else None
+            if task is None or task.worker != wid:
+                self.counters["late_acks"] += 1  # e.g. from a worker we had given up on
+                continue
+            del inflight[tid]      # _unassign, with the credit returned once for all below
+            if task.key is not None:
+                keys.discard(task.key)
+            task.worker = None
+            done.append(task)
+        if done:
+            q.per_worker[wid] = q.per_worker.get(wid, len(done)) - len(done)
+            self._finish(qname, done)
+        self._dispatch(qname)
+
     def _on_ack(self, wid: str, fields: dict[str, Any]) -> None:
+        if fields.get("bt") is True:
+            self._batch_workers.add(wid)
         tid, qname = fields.get("id"), fields.get("q")
         q = self.queues.get(qname) if type(qname) is str else None
         task = q.inflight.get(tid) if q is not None and type(tid) is str else None
@@ -296,7 +431,7 @@ class Pipelines:
             return
         self._unassign(q, task)
         if fields.get("ok"):
-            self._finish(task)
+            self._finish(task.queue, [task])
         elif fields.get("retry"):
             q.backlog.appendleft(task)  # the worker could not take it: not the task's fault
         else:
@@ -304,23 +439,29 @@ class Pipelines:
             err: dict[str, Any] = e if isinstance(e, dict) else {"type": "?"}
             task.failures += 1
             self.counters["tasks_failed"] += 1
+            if task.errors is None:
+                task.errors = []
             task.errors.append({**err, "worker": self._name_of(wid), "attempt": task.deliveries,
                                 "at": time.time()})
             if task.failures >= self._max_attempts(wid, task.queue):
                 self._dead_letter(task)
-                self._finish(task)
+                self._finish(task.queue, [task])
             else:
                 q.backlog.appendleft(task)
         self._dispatch(task.queue)
 
-    def _finish(self, task: _Task) -> None:
-        self.counters["tasks_completed"] += 1
-        with self._cv:
-            n = self._outstanding[task.queue] = self._outstanding[task.queue] - 1
-            if self._waiters and (n == 0 or n == self._resume_at):
+    def _finish(self, queue: str, tasks: list[_Task]) -> None:
+        n = len(tasks)
+        self.counters["tasks_completed"] += n
+        with self._lock:
+            before = self._outstanding[queue]
+            after = self._outstanding[queue] = before - n
+            # wake blocked pushers when the queue drops to the resume level, waiters at zero
+            if self._waiters and (after == 0 or after <= self._resume_at < before):
                 self._cv.notify_all()
-        if task.on_done is not None:
-            task.on_done()
+        for task in tasks:
+            if task.on_done is not None:
+                task.on_done()
 
     def _max_attempts(self, wid: str, queue: str) -> int:
         if wid == self.node.id and queue in self.workers:
@@ -344,7 +485,7 @@ class Pipelines:
                   task.failures)
         self.node.publish(f"deadletter.{task.queue}", {
             "queue": task.queue, "id": task.id, "key": task.key, "body": body,
-            "headers": task.headers, "attempts": task.deliveries, "errors": task.errors})
+            "headers": task.headers, "attempts": task.deliveries, "errors": task.errors or []})
 
     # ---- I/O thread: the working side ---------------------------------------------------------
     def _on_task(self, fields: dict[str, Any], pid: str) -> None:
@@ -355,29 +496,52 @@ class Pipelines:
             engine.malformed += 1
             return
         if qname not in self.workers:
-            engine.send_to(pid, "ack", {"q": qname, "id": tid, "ok": False, "retry": True})
+            self._refuse(pid, qname, tid)
             return
         peer = engine.peers.get(pid)
-        self._run_local(_Task(tid, qname, fields.get("b", b""), fields.get("h") or {},
-                              fields.get("key"), 0, fields.get("att", 1)),
-                        peer.info.name if peer else pid, pid)
+        self._run(qname, tid, fields.get("att", 1), fields.get("key"), fields.get("h") or {},
+                  fields.get("b", b""), peer.info.name if peer else pid, pid, time.time())
 
-    def _run_local(self, task: _Task, source: str, source_id: str) -> None:
-        lw = self.workers[task.queue]
-        node = self.node
-        engine = node.engine
+    def _on_tasks(self, fields: dict[str, Any], pid: str) -> None:
+        """A batch of tasks (12.8): each entry is handled as one ``task`` would be."""
+        engine = self.node.engine
         assert engine is not None
-        try:
-            body = decode(task.body)
-        except DecodeError as exc:
-            self._report(source_id, task.queue, task.id, False, exc)
+        qname, entries = fields.get("q"), fields.get("t")
+        if type(qname) is not str or type(entries) is not list:
+            engine.malformed += 1
             return
-        msg = Message(task.queue, body, task.headers, task.id, source, source_id, 0, time.time(),
-                      0, task.deliveries, task.key)
-        emit = lw.emit
+        self._batch_pushers.add(pid)
+        working = qname in self.workers
+        peer = engine.peers.get(pid)
+        source = peer.info.name if peer else pid
+        now = time.time()
+        for entry in entries:
+            if type(entry) is not list or len(entry) < 5 or type(entry[0]) is not str:
+                engine.malformed += 1
+                continue
+            if not working:
+                self._refuse(pid, qname, entry[0])
+                continue
+            tid, att, key, headers, body = entry[:5]
+            self._run(qname, tid, att, key, headers or {}, body, source, pid, now)
 
-        def report(ok: bool, value: Any) -> None:
-            engine.call(lambda: self._report(source_id, task.queue, task.id, ok, value))
+    def _refuse(self, pid: str, qname: str, tid: str) -> None:
+        engine = self.node.engine
+        assert engine is not None
+        engine.send_to(pid, "ack", {"q": qname, "id": tid, "ok": False, "retry": True,
+                                    "bt": True})
+
+    def _run(self, queue: str, tid: str, att: Any, key: Any, headers: dict[str, Any],
+             payload: Any, source: str, source_id: str, now: float) -> None:
+        """Hand one task to the local worker's pool; its outcome goes back as an ack."""
+        lw = self.workers[queue]
+        try:
+            body = decode(payload)
+        except DecodeError as exc:
+            self._complete(source_id, queue, tid, False, describe_error(exc))
+            return
+        msg = _task_message(queue, body, headers, tid, source, source_id, now, att, key)
+        emit = lw.emit
 
         def done(ok: bool, value: Any) -> None:
             self.counters["tasks_worked"] += 1
@@ -386,30 +550,73 @@ class Pipelines:
                 # next stage has acknowledged what it produced, so a worker that dies between
                 # the two loses nothing (it is redone, and re-emitted under the same id).
                 try:
-                    self.push(emit, value, key=task.key, headers=task.headers,
-                              task_id=f"{task.id}>{emit}",
-                              on_done=lambda: self._report(source_id, task.queue, task.id,
-                                                           True, None))
+                    self.push(emit, value, key=key, headers=headers,
+                              task_id=f"{tid}>{emit}",
+                              on_done=lambda: self._complete(source_id, queue, tid, True, None))
                     return
                 except Exception as exc:  # noqa: BLE001 - not acknowledged: will be redone
                     ok, value = False, exc
             if not ok:
-                log.error("worker %s failed task %s (attempt %d)", task.queue, task.id,
-                          task.deliveries, exc_info=value)
-            report(ok, value)
+                log.error("worker %s failed task %s (attempt %d)", queue, tid, att,
+                          exc_info=value)
+                value = describe_error(value)
+            self._complete(source_id, queue, tid, ok, value)
 
         lw.pool.submit((msg,), {}, done)
 
-    def _report(self, to: str, queue: str, tid: str, ok: bool, value: Any) -> None:
-        fields: dict[str, Any] = {"q": queue, "id": tid, "ok": ok}
-        if not ok:
-            fields["e"] = describe_error(value)
-        if to == self.node.id:
-            self._on_ack(to, fields)
-        else:
+    def _complete(self, to: str, queue: str, tid: str, ok: bool, error: Any) -> None:
+        """Queue the ack of a finished task (any thread); the I/O thread sends it soon."""
+        self._outbox.append((to, queue, tid, ok, error))
+        if not self._outbox_armed:
+            self._outbox_armed = True
             engine = self.node.engine
-            assert engine is not None
-            engine.send_to(to, "ack", fields)
+            if engine is not None:
+                engine.call(self._send_acks)
+
+    def _send_acks(self) -> None:
+        """Send the acks of every task finished since the last time, batched per pusher."""
+        self._outbox_armed = False   # before popping: an ack appended after this wakes us again
+        node = self.node
+        engine = node.engine
+        assert engine is not None
+        pop, batching = self._outbox.popleft, self._batch_pushers
+        groups: dict[tuple[str, str], list[str]] = {}
+        while True:
+            try:
+                to, queue, tid, ok, error = pop()
+            except IndexError:
+                break
+            if ok and (to in batching or to == node.id):
+                ids = groups.get((to, queue))
+                if ids is None:
+                    groups[(to, queue)] = [tid]
+                else:
+                    ids.append(tid)
+                continue
+            fields: dict[str, Any] = {"q": queue, "id": tid, "ok": ok}
+            if not ok:
+                fields["e"] = error
+            if to == node.id:
+                self._on_ack(to, fields)
+            else:
+                fields["bt"] = True   # 12.8: we accept "tasks"
+                engine.send_to(to, "ack", fields)
+        # Pushers choose the ids, so bound the bytes as well as the count (len() counts
+        # characters: up to 4 bytes each in UTF-8).
+        limit = min(BATCH_BYTES, node.max_message_bytes // 2) // 4
+        for (to, queue), ids in groups.items():
+            if to == node.id:
+                self._acked(to, queue, ids)
+                continue
+            chunk: list[str] = []
+            size = 0
+            for tid in ids:
+                if chunk and (len(chunk) >= BATCH_ACKS or size + len(tid) > limit):
+                    engine.send_to(to, "acks", {"q": queue, "ids": chunk})
+                    chunk, size = [], 0
+                chunk.append(tid)
+                size += len(tid) + 2
+            engine.send_to(to, "acks", {"q": queue, "ids": chunk})
 
 
 #: ``deadletter.<queue>`` must still be a valid topic.
@@ -446,3 +653,55 @@ def worker_spec(queue: str, emit: str | None, concurrency: int, max_attempts: in
         raise ConfigError(f"prefetch must be 0..10000, not {prefetch}")
     return HandlerSpec("worker", queue, {"emit": emit, "concurrency": concurrency,
                                          "max_attempts": max_attempts, "prefetch": prefetch})
+
+
+def _task_fields(task: _Task) -> dict[str, Any]:
+    """The fields of a single ``task`` message (12.2)."""
+    return {"q": task.queue, "id": task.id, "att": task.deliveries, "key": task.key,
+            "h": task.headers, "b": task.body}
+
+
+_new = object.__new__
+_MSG_SETTERS = tuple(Message.__dict__[f].__set__ for f in (
+    "topic", "body", "headers", "id", "source", "source_id", "seq", "timestamp", "gap",
+    "attempt", "key"))
+
+
+def _task_message(queue: str, body: Any, headers: dict[str, Any], tid: str, source: str,
+                  source_id: str, now: float, attempt: Any, key: Any) -> Message:
+    """``Message(queue, body, headers, tid, source, source_id, 0, now, 0, attempt, key)``,
+    built through the slot descriptors: the frozen dataclass's __init__ goes through
+    object.__setattr__ per field and costs about twice as much."""
+    m = _new(Message)
+    s_topic, s_body, s_headers, s_id, s_source, s_sid, s_seq, s_ts, s_gap, s_att, s_key = \
+        _MSG_SETTERS
+    s_topic(m, queue)
+    s_body(m, body)
+    s_headers(m, headers)
+    s_id(m, tid)
+    s_source(m, source)
+    s_sid(m, source_id)
+    s_seq(m, 0)
+    s_ts(m, now)
+    s_gap(m, 0)
+    s_att(m, attempt)
+    s_key(m, key)
+    return m
+
+
+_local = threading.local()
+
+
+def _encode_body(body: Any) -> bytes:
+    """:func:`encode` through a packer kept per thread: ``msgpack.packb`` builds a new Packer
+    on every call, which costs several times the packing of a small body."""
+    try:
+        pack = _local.pack
+    except AttributeError:
+        pack = _local.pack = new_packer().pack
+    try:
+        return pack(body)   # the packer resets itself when packing fails
+    except EncodeError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot encode {type(body).__qualname__}: {exc}") from exc

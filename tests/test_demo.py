@@ -1,4 +1,4 @@
-"""`make demo` runs examples/demo.py: it must finish by itself, exit 0 and show all three patterns."""
+"""`make demo` runs examples/demo.py: it must finish by itself, exit 0 and show all three patterns and the journal."""
 
 from __future__ import annotations
 
@@ -21,5 +21,6 @@ def test_demo_exits_zero_with_every_result(discovery: str) -> None:
         assert "10 of 10 orders received" in out
         assert "40 of 40 results at the sink, each once" in out
         assert "answered by ['inventory-1', 'inventory-2']" in out
+        assert "10 of 10 orders confirmed on disk; the late auditor got 10 of 10, each once" in out
     finally:
         demo.stop()

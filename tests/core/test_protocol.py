@@ -58,6 +58,13 @@ GOLDEN_HEX = {
                   "6163656261636bad54726163656261636b2e2e2e0a",
     "ack-refused": "9301a361636b84a171a8696e766f69636573a26964b3336632613963316535623764346536302d"
                    "7431a26f6bc2a57265747279c3",
+    "tasks": "9301a57461736b7382a171a8696e766f69636573a1749295b3336632613963316535623764346536"
+             "302d743101a6637573742d3780c40881a56f726465722a95b3336632613963316535623764346536"
+             "302d743202c080c40107",
+    "acks": "9301a461636b7382a171a8696e766f69636573a369647392b3336632613963316535623764346536"
+            "302d7431b3336632613963316535623764346536302d7432",
+    "ack-ok-bt": "9301a361636b84a171a8696e766f69636573a26964b3336632613963316535623764346536302d"
+                 "7431a26f6bc3a26274c3",
     "call": "9301a463616c6c84a3737663a571756f7465a26964b3336632613963316535623764346536302d6331"
             "a161c40b9291a2413181a371747902a374746ccb4012000000000000",
     "reply-ok": "9301a57265706c7983a26964b3336632613963316535623764346536302d6331a26f6bc3a172c401"
@@ -133,6 +140,11 @@ CONTROL = [
     ("ack-failed", "ack", {"q": "invoices", "id": f"{NID}-t1", "ok": False,
                            "e": {"type": "ValueError", "message": "bad", "traceback": TB}}),
     ("ack-refused", "ack", {"q": "invoices", "id": f"{NID}-t1", "ok": False, "retry": True}),
+    ("tasks", "tasks", {"q": "invoices", "t": [
+        [f"{NID}-t1", 1, "cust-7", {}, encode({"order": 42})],
+        [f"{NID}-t2", 2, None, {}, encode(7)]]}),
+    ("acks", "acks", {"q": "invoices", "ids": [f"{NID}-t1", f"{NID}-t2"]}),
+    ("ack-ok-bt", "ack", {"q": "invoices", "id": f"{NID}-t1", "ok": True, "bt": True}),
     ("call", "call", {"svc": "quote", "id": f"{NID}-c1", "a": encode([["A1"], {"qty": 2}]),
                       "ttl": 4.5}),
     ("reply-ok", "reply", {"id": f"{NID}-c1", "ok": True, "r": encode(12)}),
@@ -552,3 +564,114 @@ def test_a_node_dials_a_doc_peer() -> None:
         router.close()
         xpub.close()
         ctx.term()
+
+
+@pytest.mark.timeout(20)
+def test_batched_tasks_and_acks_only_between_peers_that_accept_them() -> None:
+    """12.8 with a peer written from the document: who may send `tasks`/`acks`, and what they
+    mean, both ways."""
+    node = Node("proto-batch", peers=[])
+    ran: list[Any] = []
+
+    @node.worker("node.work", concurrency=4)
+    def work(msg: Any) -> None:
+        ran.append((msg.id, msg.attempt, msg.key, msg.headers, msg.body))
+        if msg.body == "bad":
+            raise ValueError("bad body")
+
+    node.start()
+    ctx: zmq.Context[Any] = zmq.Context()
+    peer = DocPeer(ctx, "doc-batcher", [], {"doc.plain": [8, 3], "doc.batch": [8, 3]}, [])
+
+    def take(want: int) -> list[tuple[str, list[Any]]]:
+        """(kind, entries) of the next task messages, until ``want`` tasks have come."""
+        got: list[tuple[str, list[Any]]] = []
+        while sum(len(e) for _, e in got) < want:
+            fields = peer.recv({"task", "tasks"})
+            if "t" in fields:
+                got.append(("tasks", fields["t"]))
+            else:
+                got.append(("task", [[fields[k] for k in ("id", "att", "key", "h", "b")]]))
+        return got
+
+    try:
+        peer.hello(node.address)
+        wait_until(lambda: node.stats()["peers"] == 1, 3.0, what="the node to register us")
+
+        # A worker that never sets bt only ever gets single tasks, however many are waiting.
+        for i in range(12):
+            node.push("doc.plain", i)
+        got = take(8)
+        assert {kind for kind, _ in got} == {"task"}
+        for _, [entry] in got:
+            peer.send("ack", {"q": "doc.plain", "id": entry[0], "ok": True})
+        got = take(4)
+        assert {kind for kind, _ in got} == {"task"}
+        for _, [entry] in got:
+            peer.send("ack", {"q": "doc.plain", "id": entry[0], "ok": True})
+        node.wait_for_tasks("doc.plain", timeout=3.0)
+
+        # An ack with bt true: from then on, tasks come batched, [id, att, key, h, b] each.
+        tid = node.push("doc.batch", "first", key="k", headers={"h": 1})
+        task = peer.recv({"task"})
+        assert task["id"] == tid
+        peer.send("ack", {"q": "doc.batch", "id": tid, "ok": True, "bt": True})
+        node.wait_for_tasks("doc.batch", timeout=3.0)
+        ids = [node.push("doc.batch", i) for i in range(10)]
+        got = take(8)   # the credit: 8 at most un-acked
+        assert {kind for kind, _ in got} == {"tasks"}
+        entries = [e for _, batch in got for e in batch]
+        assert [e[0] for e in entries] == ids[:8]
+        assert all(e[1:4] == [1, None, {}] and unpack(e[4]) == i for i, e in enumerate(entries))
+        wait_until(lambda: (node.stats()["tasks_inflight"], node.stats()["tasks_backlog"])
+                   == (8, 2), 3.0, what="8 in flight, 2 waiting for credit")
+        # acks: each id is an ok ack; an unknown id is a late ack
+        peer.send("acks", {"q": "doc.batch", "ids": ids[:8] + ["no-such-task"]})
+        rest = [e for _, batch in take(2) for e in batch]
+        assert [e[0] for e in rest] == ids[8:]
+        # a failure goes back as a single ack, and is redelivered with att + 1
+        peer.send("acks", {"q": "doc.batch", "ids": [ids[8]]})
+        peer.send("ack", {"q": "doc.batch", "id": ids[9], "ok": False,
+                          "e": {"type": "ValueError", "message": "again", "traceback": ""}})
+        [(kind, [again])] = take(1)
+        assert (kind, again[0], again[1]) == ("tasks", ids[9], 2)
+        peer.send("acks", {"q": "doc.batch", "ids": [ids[9]]})
+        node.wait_for_tasks("doc.batch", timeout=3.0)
+        stats = node.stats()
+        assert stats["late_acks"] == 1 and stats["tasks_failed"] == 1
+        assert stats["tasks_completed"] == 12 + 1 + 10 and stats["malformed"] == 0
+
+        # The other way: a single task is acked with bt true ...
+        peer.send("task", {"q": "node.work", "id": "p1", "att": 1, "key": None, "h": {},
+                           "b": pack("one")})
+        assert peer.recv({"ack"}) == {"q": "node.work", "id": "p1", "ok": True, "bt": True}
+        # ... and a pusher that sends tasks gets acks; failures and refusals stay single.
+        peer.send("tasks", {"q": "node.work", "t": [
+            ["p2", 1, "k2", {"h": 2}, pack("two")],
+            ["p3", 3, None, {}, pack("bad")],
+            [4, 1, None, {}, pack("id is not a str")],   # malformed entry: skipped
+            ["p4", 1, None, {}, pack("four"), "extra elements are ignored"]]})
+        peer.send("tasks", {"q": "not.worked.here", "t": [["p5", 1, None, {}, pack(5)]]})
+        acked: list[str] = []
+        while len(acked) < 2:
+            acked += peer.recv({"acks"})["ids"]
+        assert sorted(acked) == ["p2", "p4"]
+        failed = peer.recv({"ack"})
+        refused = peer.recv({"ack"})
+        if failed["id"] == "p5":
+            failed, refused = refused, failed
+        assert failed["id"] == "p3" and failed["ok"] is False and failed["bt"] is True
+        assert failed["e"]["type"] == "ValueError" and failed["e"]["message"] == "bad body"
+        assert refused == {"q": "not.worked.here", "id": "p5", "ok": False, "retry": True,
+                           "bt": True}
+        assert sorted(r[:4] for r in ran) == [
+            ("p1", 1, None, {}), ("p2", 1, "k2", {"h": 2}), ("p3", 3, None, {}),
+            ("p4", 1, None, {})]
+        # malformed batches: counted and dropped (15)
+        peer.send("tasks", {"q": "node.work", "t": "not an array"})
+        peer.send("acks", {"q": 7, "ids": []})
+        wait_until(lambda: node.stats()["malformed"] == 3, 3.0, what="malformed == 3")
+    finally:
+        peer.close()
+        ctx.term()
+        node.stop()

@@ -195,3 +195,84 @@ def test_credit_is_concurrency_plus_prefetch(make_node: Callable[..., Node]) -> 
     vent.wait_for_workers("b")
     (peer,) = vent.peers()
     assert peer.queues["a"][0] == 6 and peer.queues["b"][0] == 3
+
+
+def test_each_task_is_acked_only_after_its_handler_returned(
+        make_node: Callable[..., Node]) -> None:
+    # Acks travel batched (PROTOCOL 12.8); a task whose handler is still running must stay
+    # outstanding at the pusher however many of its neighbours are acknowledged.
+    vent = make_node("vent")
+    worker = make_node("w", peers=[vent.address])
+    release = threading.Event()
+    ran: list[str] = []
+    lock = threading.Lock()
+
+    @worker.worker("held", concurrency=8)
+    def work(msg: Message) -> None:
+        if msg.body % 20 == 0:
+            assert release.wait(10)
+        with lock:
+            ran.append(msg.id)
+
+    vent.wait_for_workers("held")
+    ids = [vent.push("held", i) for i in range(60)]
+    wait_until(lambda: vent.stats()["tasks_completed"] == 57, 10.0, what="57 acks")
+    assert vent.stats()["tasks_inflight"] == 3
+    with pytest.raises(MeshTimeout):
+        vent.wait_for_tasks("held", timeout=0.2)
+    release.set()
+    vent.wait_for_tasks("held", timeout=10)
+    assert sorted(ran) == sorted(ids)            # each ran once: nothing lost or redone
+    stats = vent.stats()
+    assert stats["tasks_completed"] == 60 and stats["late_acks"] == 0
+    assert worker.stats()["tasks_worked"] == 60
+
+
+def test_blocked_pushers_resume_when_acks_come_in_batches(
+        make_node: Callable[..., Node]) -> None:
+    # One ack message may return many tasks at once, so the backlog can drop past the level
+    # at which blocked pushers are let in again (7 of 8 here) without ever equalling it; the
+    # first task is held so that the backlog never drains to 0 either.
+    vent = make_node("vent", max_backlog=8)
+    worker = make_node("w", peers=[vent.address])
+    release = threading.Event()
+    got: list[int] = []
+
+    @worker.worker("burst", concurrency=16)
+    def work(msg: Message) -> None:
+        if msg.body == 0:
+            assert release.wait(10)
+        got.append(msg.body)
+
+    vent.wait_for_workers("burst")
+    for i in range(400):
+        vent.push("burst", i, timeout=3.0)
+    release.set()
+    vent.wait_for_tasks("burst", timeout=10)
+    assert sorted(got) == list(range(400))
+
+
+def test_batches_of_big_tasks_stay_under_max_message_bytes(
+        make_node: Callable[..., Node]) -> None:
+    # 20 tasks of 12 KiB fit one worker's credit but not one 64 KiB message: the pusher splits
+    # them (a frame over the receiver's MAXMSGSIZE would make libzmq drop the connection).
+    cap = 64 * 1024
+    vent = make_node("vent", max_message_bytes=cap)
+    worker = make_node("w", peers=[vent.address], max_message_bytes=cap)
+    got: list[int] = []
+    lock = threading.Lock()
+
+    @worker.worker("big", concurrency=16)
+    def work(msg: Message) -> None:
+        with lock:
+            got.append(len(msg.body))
+
+    vent.wait_for_workers("big")
+    vent.push("big", b"x")                  # a first ack tells the pusher it may batch
+    vent.wait_for_tasks("big", timeout=5)
+    for i in range(100):
+        vent.push("big", bytes(12 * 1024 + i))
+    vent.push("big", bytes(cap - 64))       # too big for any batch: travels alone
+    vent.wait_for_tasks("big", timeout=10)
+    assert sorted(got) == sorted([1, cap - 64] + [12 * 1024 + i for i in range(100)])
+    assert vent.stats()["late_acks"] == 0 and worker.stats()["malformed"] == 0
