@@ -32,28 +32,30 @@ class Message:
     key: Any = None
 
 
-_new = object.__new__
-_set = [Message.__dict__[f].__set__ for f in (
-    "topic", "body", "headers", "id", "source", "source_id", "seq", "timestamp", "gap",
-    "attempt", "key")]
+class _Building:
+    """A mutable twin of Message's slot layout, so wire_message can fill one with plain
+    attribute stores (~0.6 us for 11 fields, against ~1.8 us through the frozen class's slot
+    descriptors) and then make it a Message by assigning ``__class__``. CPython allows that
+    between classes whose slots are the same names in the same order; a Message is frozen
+    from then on (its ``__setattr__`` raises), exactly as if built by its ``__init__``."""
+
+    __slots__ = Message.__slots__
 
 
 def wire_message(topic: str, body: Any, headers: dict[str, Any], msg_id: str, source: str,
                  source_id: str, seq: int, timestamp: float, gap: int) -> Message:
-    """A pub/sub Message built on the receive path: the frozen dataclass's __init__ sets
-    each field through object.__setattr__ (~3 us for 11 fields); its slot descriptors take
-    about half that."""
-    m = _new(Message)
-    (s_topic, s_body, s_headers, s_id, s_source, s_sid, s_seq, s_ts, s_gap, s_att, s_key) = _set
-    s_topic(m, topic)
-    s_body(m, body)
-    s_headers(m, headers)
-    s_id(m, msg_id)
-    s_source(m, source)
-    s_sid(m, source_id)
-    s_seq(m, seq)
-    s_ts(m, timestamp)
-    s_gap(m, gap)
-    s_att(m, 1)
-    s_key(m, None)
+    """A pub/sub Message built on the receive path, cheaper than ``Message(...)``."""
+    m: Any = _Building()
+    m.topic = topic
+    m.body = body
+    m.headers = headers
+    m.id = msg_id
+    m.source = source
+    m.source_id = source_id
+    m.seq = seq
+    m.timestamp = timestamp
+    m.gap = gap
+    m.attempt = 1
+    m.key = None
+    m.__class__ = Message
     return m

@@ -7,7 +7,7 @@ import pytest
 
 from meshmq import DecodeError, ProtocolVersionError
 from meshmq._engine import marker_topic
-from meshmq._envelope import PubEncoder, decode_ctl, decode_pub, encode_ctl
+from meshmq._envelope import PubEncoder, decode_ctl, decode_pub, encode_ctl, message_ids
 
 GOLDEN_PUB = bytes.fromhex(
     "98"                      # array of 8
@@ -80,3 +80,12 @@ def test_version_must_be_the_integer_one(version: object) -> None:
         decode_pub(b"t", pub)
     with pytest.raises(ProtocolVersionError):
         decode_ctl(msgpack.packb([version, "ping", {}]))
+
+
+def test_message_ids_are_the_prefix_and_a_lowercase_hex_counter() -> None:
+    # PROTOCOL.md 6.2: "<node-id>-<n>", n from 1 in hex without leading zeros; the generator
+    # builds them in blocks of 256, so cross several block boundaries.
+    ids = message_ids("3f2a-")
+    assert [next(ids) for _ in range(3)] == ["3f2a-1", "3f2a-2", "3f2a-3"]
+    for n in range(4, 70_000):
+        assert next(ids) == f"3f2a-{n:x}"
