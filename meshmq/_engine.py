@@ -104,6 +104,11 @@ class Engine:
         self._prefixes: dict[bytes, int] = {}
         self._marker: bytes | None = None
         self.sub_version = 0
+        # The patterns whose filters are set by marker ``sub_version``: what offers advertise.
+        # Not node._patterns(), which a user thread changes before this thread sets the filters:
+        # an offer sent in between would pair the new pattern with the old version, and a
+        # publisher's wait_for_subscribers would return before the filter is in place.
+        self._sub_patterns: list[str] = []
         self._seqs: dict[str, dict[str, int]] = {}
         # counters written only by this thread
         self.received = 0
@@ -353,7 +358,8 @@ class Engine:
     def _apply_subscriptions(self) -> None:
         """Make the SUB filters match the node's patterns; bump the marker; tell peers."""
         wanted: dict[bytes, int] = {}
-        for pattern in self.node._patterns():
+        patterns = sorted(set(self.node._patterns()))
+        for pattern in patterns:
             wanted[self.node._prefix(pattern)] = 1
         changed = False
         socks = list(self._subs.values())
@@ -366,13 +372,14 @@ class Engine:
                 sock.setsockopt(zmq.UNSUBSCRIBE, prefix)
             changed = True
         self._prefixes = wanted
-        if changed or self._marker is None:
+        if changed or self._marker is None or patterns != self._sub_patterns:
             self.sub_version += 1
             old, self._marker = self._marker, marker_topic(self.node.id, self.sub_version)
             for sock in socks:
                 sock.setsockopt(zmq.SUBSCRIBE, self._marker)
                 if old is not None:
                     sock.setsockopt(zmq.UNSUBSCRIBE, old)
+        self._sub_patterns = patterns
         self._broadcast(CtlKind.UPDATE)
 
     def subscriptions_changed(self) -> None:
@@ -410,7 +417,7 @@ class Engine:
         node = self.node
         return {"name": node.name, "id": node.id, "group": node.group,
                 "ctl": self.ctl_advertised, "pub": node.pub_advertised,
-                "subs": sorted(node._patterns()), "sv": self.sub_version,
+                "subs": self._sub_patterns, "sv": self.sub_version,
                 "workers": sorted(node._offers("worker")),
                 "services": sorted(node._offers("rpc")), "eps": dict(node.extra_endpoints),
                 **node._offer_fields()}

@@ -292,3 +292,31 @@ def test_oversized_sends_fail_at_the_caller(make_node: Callable[..., Node]) -> N
         a.call("echo", b"x" * 3000)  # the result would be 6000 bytes
     a.publish("big", b"x" * 100)  # the node keeps working
     assert got.wait(1)[0].body == b"x" * 100
+
+
+def test_offers_advertise_a_pattern_only_once_its_filter_is_set(
+        make_node: Callable[..., Node], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Regression: an offer sent between subscribe() (a user thread) and the I/O thread setting
+    # the filter paired the new pattern with the old marker version, so the publisher's
+    # wait_for_subscribers returned early and the first message was lost (~1% of runs).
+    pub, sub = pair(make_node)
+    pub.wait_until(lambda: pub.peers(), timeout=5, what="the subscriber")
+    assert sub.engine is not None
+    engine = sub.engine
+    held: list[Callable[[], None]] = []
+    monkeypatch.setattr(engine, "subscriptions_changed",
+                        lambda: held.append(engine._apply_subscriptions))
+    got = Collector()
+    sub.subscribe("t")(got)              # the filter is not set yet (held) ...
+
+    @sub.worker("q")                     # ... but an offer goes out now (a new worker)
+    def work(msg: Message) -> None:
+        pass
+
+    pub.wait_until(lambda: any("q" in p.queues for p in pub.peers()), timeout=5,
+                   what="the new offer")
+    assert pub.subscribers("t") == 0     # not advertised before its filter is in place
+    engine.call(held[0])
+    assert pub.wait_for_subscribers("t", timeout=5) == 1
+    pub.publish("t", 1)
+    assert [m.body for m in got.wait(1)] == [1]
