@@ -524,6 +524,8 @@ class _DurableSubscriber:
                 dead.add(journal.id)
                 continue
             records = res["records"]
+            if records:   # progress: the timeout is for a journal that lags, not for paging
+                deadline = time.monotonic() + REPAIR_TIMEOUT
             for _, _, payload in records:
                 msg = decode_entry(payload)
                 if msg.seq < want or msg.seq > last:
