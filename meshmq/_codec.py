@@ -132,8 +132,36 @@ def _unpackb(data: bytes | memoryview) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_ext_hook, timestamp=3)
 
 
+_LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
+CONTAINERS = frozenset({dict, list, tuple})
+
+
+def check_keys(obj: Any) -> None:
+    """Raise :class:`EncodeError` if ``obj`` holds a map key other than str or bytes.
+
+    msgpack packs any key, but receivers decode with ``strict_map_key`` (only str and bytes
+    keys, so a peer cannot make a node hash attacker-chosen ints), so such a message would be
+    dropped by every receiver as malformed: refuse it at the sender instead. Only dicts,
+    lists and tuples are walked; a scalar costs one type check.
+    """
+    t = type(obj)
+    if t is dict:
+        for k, v in obj.items():
+            if type(k) is not str and not isinstance(k, (str, bytes)):
+                raise EncodeError(f"map key {k!r} is a {type(k).__name__}: keys must be str or"
+                                  " bytes (receivers refuse other keys)")
+            if type(v) not in _LEAVES:
+                check_keys(v)
+    elif t is list or t is tuple:
+        for v in obj:
+            if type(v) not in _LEAVES:
+                check_keys(v)
+
+
 def encode(obj: Any) -> bytes:
     """Encode one value (not thread-safe-sensitive: uses a fresh pack call)."""
+    if type(obj) in CONTAINERS:
+        check_keys(obj)
     try:
         return msgpack.packb(obj, default=_default, use_bin_type=True, datetime=True)
     except EncodeError:

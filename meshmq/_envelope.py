@@ -14,7 +14,7 @@ from typing import Any
 
 import msgpack
 
-from meshmq._codec import _default, decode, new_packer
+from meshmq._codec import CONTAINERS, _default, check_keys, decode, new_packer
 from meshmq._errors import DecodeError, EncodeError, ProtocolVersionError
 
 __all__ = ["PROTO", "CtlKind", "PubEncoder", "decode_ctl", "decode_pub", "encode_ctl",
@@ -46,6 +46,10 @@ class PubEncoder:
     def encode(self, msg_id: str, source: str, source_id: str, seq: int, timestamp: float,
                headers: dict[str, Any] | None, body: Any) -> bytes:
         """The frame-1 payload of a published message."""
+        if type(body) in CONTAINERS:
+            check_keys(body)
+        if headers:
+            check_keys(headers)
         try:
             return self._pack([PROTO, msg_id, source, source_id, seq, timestamp, headers, body])
         except EncodeError:

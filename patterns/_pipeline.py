@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshmq.patterns._pool import Pool, describe_error
 
-from meshmq._codec import decode, encode, new_packer
+from meshmq._codec import CONTAINERS, check_keys, decode, encode, new_packer
 from meshmq._dispatch import HandlerSpec
 from meshmq._errors import Backpressure, ConfigError, DecodeError, EncodeError, MeshTimeout
 from meshmq._message import Message
@@ -695,6 +695,8 @@ _local = threading.local()
 def _encode_body(body: Any) -> bytes:
     """:func:`encode` through a packer kept per thread: ``msgpack.packb`` builds a new Packer
     on every call, which costs several times the packing of a small body."""
+    if type(body) in CONTAINERS:
+        check_keys(body)
     try:
         pack = _local.pack
     except AttributeError:

@@ -66,6 +66,17 @@ def test_register_type() -> None:
         meshmq.register_type(77, dict, bytes, dict)   # taken
 
 
+def test_keys_receivers_would_refuse_are_refused_when_encoding() -> None:
+    class Name(str):
+        pass
+
+    for bad in ({1: "x"}, [{"a": {(1, 2): 3}}], ({"ok": [{None: 1}]},)):
+        with pytest.raises(EncodeError, match="keys must be str or bytes"):
+            encode(bad)
+    value = {"a": [{"b": {b"raw": 1}}], Name("sub"): (1, 2.5, None)}
+    assert decode(encode(value)) == {"a": [{"b": {b"raw": 1}}], "sub": [1, 2.5, None]}
+
+
 def test_strict_map_keys_and_garbage() -> None:
     with pytest.raises(DecodeError):
         decode(msgpack.packb({1: "x"}))  # non-str keys are refused

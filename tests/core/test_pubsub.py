@@ -193,6 +193,10 @@ def test_publish_errors_are_clear(make_node: Callable[..., Node]) -> None:
         node.publish("bad topic", 1)
     with pytest.raises(ConfigError):
         node.subscribe("a.>.b")
+    with pytest.raises(EncodeError, match="keys must be str or bytes"):
+        node.publish("t", {"order": {7: "x"}})   # every receiver would drop it
+    with pytest.raises(EncodeError, match="keys must be str or bytes"):
+        node.publish("t", 1, headers={"k": {1: 2}})
     node.publish("t", 1)  # a failed encode did not consume a sequence number
     assert node._seqs["t"] == 1
 

@@ -175,6 +175,8 @@ def test_bad_push_arguments_fail_at_the_caller_and_the_node_keeps_working(
         node.push("jobs", 1, headers={"h": object()})
     with pytest.raises(EncodeError):
         node.push("jobs", 1, headers=["not", "a", "dict"])  # type: ignore[arg-type]
+    with pytest.raises(EncodeError, match="keys must be str or bytes"):
+        node.push("jobs", {"sizes": {640: "vga"}})      # every worker would drop it
     with pytest.raises(ConfigError, match="longer"):
         node.push("q" * 250, 1)
     with pytest.raises(ConfigError, match="longer"):
