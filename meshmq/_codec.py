@@ -136,14 +136,22 @@ _LEAVES = frozenset({str, bytes, int, float, bool, type(None)})
 CONTAINERS = frozenset({dict, list, tuple})
 
 
-def check_keys(obj: Any) -> None:
-    """Raise :class:`EncodeError` if ``obj`` holds a map key other than str or bytes.
+#: Containers nested deeper than this are refused when encoding (the receivers' decoder stops
+#: near 1024 levels, with the envelope around the body; and no message needs this many).
+MAX_DEPTH = 500
+
+
+def check_keys(obj: Any, depth: int = 0) -> None:
+    """Raise :class:`EncodeError` if ``obj`` holds a map key other than str or bytes, or
+    nests containers deeper than ``MAX_DEPTH``.
 
     msgpack packs any key, but receivers decode with ``strict_map_key`` (only str and bytes
     keys, so a peer cannot make a node hash attacker-chosen ints), so such a message would be
     dropped by every receiver as malformed: refuse it at the sender instead. Only dicts,
     lists and tuples are walked; a scalar costs one type check.
     """
+    if depth >= MAX_DEPTH:
+        raise EncodeError(f"containers nested deeper than {MAX_DEPTH} levels")
     t = type(obj)
     if t is dict:
         for k, v in obj.items():
@@ -151,11 +159,11 @@ def check_keys(obj: Any) -> None:
                 raise EncodeError(f"map key {k!r} is a {type(k).__name__}: keys must be str or"
                                   " bytes (receivers refuse other keys)")
             if type(v) not in _LEAVES:
-                check_keys(v)
+                check_keys(v, depth + 1)
     elif t is list or t is tuple:
         for v in obj:
             if type(v) not in _LEAVES:
-                check_keys(v)
+                check_keys(v, depth + 1)
 
 
 def encode(obj: Any) -> bytes:

@@ -73,6 +73,11 @@ def test_keys_receivers_would_refuse_are_refused_when_encoding() -> None:
     for bad in ({1: "x"}, [{"a": {(1, 2): 3}}], ({"ok": [{None: 1}]},)):
         with pytest.raises(EncodeError, match="keys must be str or bytes"):
             encode(bad)
+    deep: object = 1
+    for _ in range(600):
+        deep = [deep]
+    with pytest.raises(EncodeError, match="nested deeper"):
+        encode({"deep": deep})
     value = {"a": [{"b": {b"raw": 1}}], Name("sub"): (1, 2.5, None)}
     assert decode(encode(value)) == {"a": [{"b": {b"raw": 1}}], "sub": [1, 2.5, None]}
 
