@@ -8,6 +8,14 @@ Publishing does not pass through this thread: the XPUB socket is shared with pub
 under ``pub_lock`` (ZeroMQ sockets may change threads behind a full memory barrier, which a lock
 provides). This thread takes the same lock only to read the subscription notices that XPUB
 delivers, which is how ``wait_for_subscribers`` knows a subscriber's filters are in place.
+
+The control sockets (the ROUTER and the dialled DEALERs) are shared the same way, each under a
+lock of its own (:class:`_Chan`): any thread may send a control message to a peer with
+:meth:`Engine.send_to`, so an RPC call or reply leaves from the thread that made it instead of
+waiting for this one. This thread polls their ``ZMQ_FD`` instead of the sockets; that
+descriptor is edge-triggered (zmq_getsockopt(3), ZMQ_FD): any send or receive may consume the
+notice of a message that arrived, so whoever sends reads ``ZMQ_EVENTS`` afterwards and, if a
+message waits, has this thread drain the socket.
 """
 
 from __future__ import annotations
@@ -51,12 +59,36 @@ def marker_topic(node_id: str, version: int) -> bytes:
     return _MARK + node_id.encode() + _SV.pack(version & 0xFFFFFFFF)
 
 
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
+
+class _Chan:
+    """A control socket shared between threads: every use of ``sock`` is under ``lock``."""
+
+    __slots__ = ("closed", "fd", "kicked", "link", "lock", "sock")
+
+    def __init__(self, sock: zmq.Socket[Any], link: _Link | None) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        self.link = link
+        self.closed = False
+        self.kicked = False   # a drain is due (set and cleared under lock)
+
+    def close(self) -> None:
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.sock.close()
+
+
 @dataclass
 class _Link:
     """A connection this node dialled: a DEALER to a peer's control endpoint."""
 
     address: str
-    sock: zmq.Socket[Any]
+    chan: _Chan = field(repr=False)
     via_host: str
     peer_id: str | None = None
     next_hello: float = 0.0
@@ -90,7 +122,9 @@ class Engine:
         self.address = ""
         self._stopping = False
         self._links: dict[str, _Link] = {}
-        self._link_by_sock: dict[zmq.Socket[Any], _Link] = {}
+        self._chans: dict[int, _Chan] = {}      # by ZMQ_FD: the router and every link
+        self._hot: list[_Chan] = []             # to drain again without waiting (I/O thread)
+        self._io_ident = 0
         self._subs: dict[str, zmq.Socket[Any]] = {}     # peer id -> SUB on its PUB
         self._sub_socks: set[zmq.Socket[Any]] = set()
         self._retiring: dict[zmq.Socket[Any], tuple[float, str]] = {}
@@ -157,15 +191,18 @@ class Engine:
     def _setup(self) -> None:
         node, t = self.node, self.timing
         ctx = node.ctx
-        self.router = zio.new_socket(ctx, zmq.ROUTER, linger=t.linger,
-                                     max_bytes=2 * node.max_message_bytes)
-        self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        bound = zio.bind(self.router, node.host, node.port)
+        self._io_ident = threading.get_ident()
+        router = zio.new_socket(ctx, zmq.ROUTER, linger=t.linger,
+                                max_bytes=2 * node.max_message_bytes)
+        self.router = _Chan(router, None)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        bound = zio.bind(router, node.host, node.port)
         _, port = zio.split_endpoint(bound)
         self.address = f"tcp://{zio.local_address(node.host)}:{port}"
         self.ctl_advertised = f"tcp://{node.host}:{port}"
         self.poller = zmq.Poller()
-        self.poller.register(self.router, zmq.POLLIN)
+        self._chans[self.router.fd] = self.router
+        self.poller.register(self.router.fd, zmq.POLLIN)
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self._xpub_fd = node.xpub.getsockopt(zmq.FD)
         self.poller.register(self._xpub_fd, zmq.POLLIN)
@@ -174,11 +211,13 @@ class Engine:
             self._dial(address)
 
     def _teardown(self) -> None:
-        for sock in [*(lk.sock for lk in self._links.values()), *self._subs.values(),
-                     *self._retiring, getattr(self, "router", None)]:
-            if sock is not None:
-                sock.close()
+        for sock in [*self._subs.values(), *self._retiring]:
+            sock.close()
+        for chan in [*(lk.chan for lk in self._links.values()), getattr(self, "router", None)]:
+            if chan is not None:
+                chan.close()
         self._links.clear()
+        self._chans.clear()
         self._subs.clear()
         self._retiring.clear()
 
@@ -229,7 +268,8 @@ class Engine:
     def _loop(self) -> None:
         t = self.timing
         poll = self.poller.poll
-        router, wake, xfd = self.router, self._wake_r.fileno(), self._xpub_fd
+        wake, xfd = self._wake_r.fileno(), self._xpub_fd
+        chans = self._chans
         next_beat = 0.0
         next_tick = 0.0
         while not self._stopping:
@@ -243,20 +283,26 @@ class Engine:
                 self._heartbeat(now)
                 next_beat = now + t.heartbeat_interval / 2
             next_hello = self._hello(now)
-            timeout = max(0.0, min(next_tick, next_beat, next_hello) - time.monotonic())
-            for sock, _ in poll(int(timeout * 1000) + 1):
+            if self._hot:
+                timeout_ms = 0
+            else:
+                timeout = max(0.0, min(next_tick, next_beat, next_hello) - time.monotonic())
+                timeout_ms = int(timeout * 1000) + 1
+            for sock, _ in poll(timeout_ms):
                 if sock in self._sub_socks:
                     self._on_sub(sock)
-                elif sock is router:
-                    self._on_router()
                 elif sock == wake:
                     self._on_wake()
                 elif sock == xfd:
                     self._check_xpub()
                 else:
-                    link = self._link_by_sock.get(sock)
-                    if link is not None:
-                        self._on_link(link)
+                    chan = chans.get(sock)
+                    if chan is not None:
+                        self._drain(chan)
+            if self._hot:
+                hot, self._hot = self._hot, []
+                for chan in hot:
+                    self._drain(chan)
 
     def _on_wake(self) -> None:
         try:
@@ -414,9 +460,9 @@ class Engine:
             link = self._links.get(address) if address else None
             if link is not None and link.peer_id in (None, node_id):
                 del self._links[link.address]
-                del self._link_by_sock[link.sock]
-                self.poller.unregister(link.sock)
-                link.sock.close()
+                del self._chans[link.chan.fd]
+                self.poller.unregister(link.chan.fd)
+                link.chan.close()
         self.call(run)
 
     def _dial(self, address: str) -> None:
@@ -429,24 +475,78 @@ class Engine:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         zio.connect(sock, address)
-        link = _Link(address, sock, host)
+        chan = _Chan(sock, None)
+        link = _Link(address, chan, host)
+        chan.link = link
         self._links[address] = link
-        self._link_by_sock[sock] = link
-        self.poller.register(sock, zmq.POLLIN)
+        self._chans[chan.fd] = chan
+        self.poller.register(chan.fd, zmq.POLLIN)
 
     def _send(self, route: tuple[str, Any], payload: bytes) -> None:
-        try:
-            if route[0] == "out":
-                link = self._links.get(route[1])
-                if link is not None:
-                    link.sock.send(payload, zio.NOBLOCK)
+        """Send a control payload on a route; thread-safe."""
+        if route[0] == "out":
+            link = self._links.get(route[1])
+            if link is None:
+                return
+            chan = link.chan
+            ident = None
+        else:
+            chan = self.router
+            ident = route[1]
+        sock = chan.sock
+        with chan.lock:
+            if chan.closed:
+                return
+            try:
+                if ident is not None:
+                    sock.send(ident, zio.SNDMORE | zio.NOBLOCK)
+                sock.send(payload, zio.NOBLOCK)
+            except zmq.Again:
+                pass  # not connected (yet): heartbeats and hellos are repeated anyway
+            except zmq.ZMQError as exc:
+                log.debug("send to %r failed: %s", route, exc)
+                return
+            # ZMQ_FD is edge-triggered: the send may have consumed the notice of a message
+            # that arrived meanwhile. If one waits, make sure the I/O thread reads it.
+            if chan.kicked or not sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+                return
+            chan.kicked = True
+        if threading.get_ident() == self._io_ident:
+            self._hot.append(chan)
+        else:
+            self.call(lambda: self._drain(chan))
+
+    def _drain(self, chan: _Chan) -> None:
+        """Read what waits on a control socket (I/O thread), then handle it without the lock."""
+        got: list[tuple[bytes | None, zmq.Frame]] = []
+        link = chan.link
+        with chan.lock:
+            chan.kicked = False
+            if chan.closed:
+                return
+            recv = chan.sock.recv
+            for _ in range(64):
+                try:
+                    ident = None if link is not None else recv(zio.NOBLOCK)
+                    frame = recv(zio.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if frame.more:
+                    while recv(zio.NOBLOCK, copy=False).more:
+                        pass
+                    self.malformed += 1
+                    continue
+                got.append((ident, frame))
             else:
-                self.router.send(route[1], zio.SNDMORE | zio.NOBLOCK)
-                self.router.send(payload, zio.NOBLOCK)
-        except zmq.Again:
-            pass  # not connected (yet): heartbeats and hellos are repeated anyway
-        except zmq.ZMQError as exc:
-            log.debug("send to %r failed: %s", route, exc)
+                chan.kicked = True  # more may wait: come back after the others had a turn
+                self._hot.append(chan)
+        if link is not None:
+            route: tuple[str, Any] = ("out", link.address)
+            for _, frame in got:
+                self._on_ctl(frame.bytes, route, link.via_host)
+        else:
+            for ident, frame in got:
+                self._on_ctl(frame.bytes, ("in", ident), frame)
 
     def _broadcast(self, kind: str) -> None:
         payload = encode_ctl(kind, self.offer())
@@ -485,35 +585,6 @@ class Engine:
                 self._send(("out", link.address), hello)
             upcoming = min(upcoming, link.next_hello)
         return upcoming
-
-    def _on_router(self) -> None:
-        recv = self.router.recv
-        for _ in range(64):
-            try:
-                ident = recv(zio.NOBLOCK)
-            except zmq.Again:
-                return
-            frame = recv(zio.NOBLOCK, copy=False)
-            if frame.more:
-                while recv(zio.NOBLOCK, copy=False).more:
-                    pass
-                self.malformed += 1
-                continue
-            self._on_ctl(frame.bytes, ("in", ident), frame)
-
-    def _on_link(self, link: _Link) -> None:
-        recv = link.sock.recv
-        for _ in range(64):
-            try:
-                frame = recv(zio.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            if frame.more:
-                while recv(zio.NOBLOCK, copy=False).more:
-                    pass
-                self.malformed += 1
-                continue
-            self._on_ctl(frame.bytes, ("out", link.address), link.via_host)
 
     def _on_ctl(self, payload: bytes, route: tuple[str, Any], via: str | zmq.Frame | None
                 ) -> None:
@@ -630,7 +701,7 @@ class Engine:
         self.node._state_changed()
 
     def send_to(self, node_id: str, kind: str, fields: dict[str, Any]) -> bool:
-        """Send a control message to a peer (I/O thread only). False if it is unknown."""
+        """Send a control message to a peer, from any thread. False if it is unknown."""
         peer = self.peers.get(node_id)
         if peer is None:
             return False
