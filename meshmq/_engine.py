@@ -200,8 +200,10 @@ class Engine:
         node, t = self.node, self.timing
         ctx = node.ctx
         self._io_ident = threading.get_ident()
+        # The control sockets carry calls and tasks as well as the control plane: give them the
+        # node's high-water mark, not libzmq's 1000 (a burst of calls would be dropped).
         router = zio.new_socket(ctx, zmq.ROUTER, linger=t.linger,
-                                max_bytes=2 * node.max_message_bytes)
+                                max_bytes=2 * node.max_message_bytes, hwm=node.hwm)
         self.router = _Chan(router, None)
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         bound = zio.bind(router, node.host, node.port)
@@ -478,7 +480,7 @@ class Engine:
             return
         host, _ = zio.split_endpoint(address)
         sock = zio.new_socket(self.node.ctx, zmq.DEALER, linger=self.timing.linger,
-                              max_bytes=self.node.max_message_bytes)
+                              max_bytes=self.node.max_message_bytes, hwm=self.node.hwm)
         sock.setsockopt(zmq.IMMEDIATE, 1)     # no hellos queued for a peer that is not there
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
@@ -491,8 +493,8 @@ class Engine:
         self._chans[chan.fd] = chan
         self.poller.register(chan.fd, zmq.POLLIN)
 
-    def _send(self, route: tuple[str, Any], payload: bytes) -> None:
-        """Send a control payload on a route; thread-safe."""
+    def _send(self, route: tuple[str, Any], payload: bytes | list[bytes]) -> None:
+        """Send a control payload (or several, in order) on a route; thread-safe."""
         if route[0] == "out":
             link = self._links.get(route[1])
             if link is None:
@@ -506,15 +508,16 @@ class Engine:
         with chan.lock:
             if chan.closed:
                 return
-            try:
-                if ident is not None:
-                    _send_frame(sock, ident, _MORE_NB)
-                _send_frame(sock, payload, _NB)
-            except zmq.Again:
-                pass  # not connected (yet): heartbeats and hellos are repeated anyway
-            except zmq.ZMQError as exc:
-                log.debug("send to %r failed: %s", route, exc)
-                return
+            for one in (payload,) if type(payload) is bytes else payload:
+                try:
+                    if ident is not None:
+                        _send_frame(sock, ident, _MORE_NB)
+                    _send_frame(sock, one, _NB)
+                except zmq.Again:
+                    pass  # not connected (yet): heartbeats and hellos are repeated anyway
+                except zmq.ZMQError as exc:
+                    log.debug("send to %r failed: %s", route, exc)
+                    return
             # ZMQ_FD is edge-triggered: the send may have consumed the notice of a message
             # that arrived meanwhile. If one waits, make sure the I/O thread reads it.
             if chan.kicked or not sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
@@ -729,8 +732,9 @@ class Engine:
         """Send a control message to a peer, from any thread. False if it is unknown."""
         return self.send_payload(node_id, encode_ctl(kind, fields))
 
-    def send_payload(self, node_id: str, payload: bytes) -> bool:
-        """Send an encoded control payload to a peer, from any thread. False if it is unknown."""
+    def send_payload(self, node_id: str, payload: bytes | list[bytes]) -> bool:
+        """Send an encoded control payload (or several, in order, under one lock) to a peer,
+        from any thread. False if it is unknown."""
         peer = self.peers.get(node_id)
         if peer is None:
             return False

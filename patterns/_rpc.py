@@ -99,13 +99,34 @@ class _Call:
 
 
 class _LoopWaker:
-    """Settles the asyncio futures of one loop's calls, many per wake-up of that loop."""
+    """Settles the asyncio futures of one loop's calls, many per wake-up of that loop; and
+    sends the calls its coroutines start in one batch per loop iteration (one lock, one
+    ``ZMQ_EVENTS`` check per batch instead of per call)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.lock = threading.Lock()
         self.ready: list[tuple[asyncio.Future[Any], _Call]] = []
         self.scheduled = False
+        self.outbox: dict[str, list[bytes]] = {}   # server -> payloads (loop thread only)
+        self.engine: Any = None
+
+    def send(self, engine: Any, server: str, payload: bytes) -> None:
+        """Queue a call for the end of this loop iteration (loop thread)."""
+        out = self.outbox.get(server)
+        if out is None:
+            if not self.outbox:
+                self.engine = engine
+                self.loop.call_soon(self._flush)
+            self.outbox[server] = [payload]
+        else:
+            out.append(payload)
+
+    def _flush(self) -> None:
+        outbox, self.outbox = self.outbox, {}
+        for server, payloads in outbox.items():
+            # if the server left meanwhile, on_peer_leave fails or retries the calls
+            self.engine.send_payload(server, payloads)
 
     def add(self, fut: asyncio.Future[Any], call: _Call) -> None:
         with self.lock:
@@ -228,8 +249,8 @@ class Rpc:
 
     # ---- the caller's side ------------------------------------------------------------------------
     def begin(self, service: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-              timeout: float, retry: bool, notify: Callable[[_Call], None] | None = None
-              ) -> _Call:
+              timeout: float, retry: bool, notify: Callable[[_Call], None] | None = None,
+              batch: _LoopWaker | None = None) -> _Call:
         """Start a call from any thread; it settles with ``notify(call)`` or its waiter."""
         if service not in self._checked:
             check_topic(service)
@@ -245,7 +266,7 @@ class Rpc:
         call = _Call(f"{node.id}-c{next(self._ids):x}", service, payload,
                      time.monotonic() + timeout, retry, notify)
         self.counters["calls_made"] += 1
-        self._start(call)
+        self._start(call, batch)
         return call
 
     def call(self, service: str, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -266,7 +287,7 @@ class Rpc:
             waker = self._wakers[loop] = _LoopWaker(loop)
         waiter: asyncio.Future[Any] = loop.create_future()
         call = self.begin(service, args, kwargs, timeout, retry,
-                          lambda c: waker.add(waiter, c))
+                          lambda c: waker.add(waiter, c), waker)
         expire = loop.call_later(timeout, self._expire, waiter)
         try:
             return await waiter
@@ -324,8 +345,11 @@ class Rpc:
                 cache[service] = out
         return out
 
-    def _start(self, call: _Call) -> None:
-        """Send a call to one of its servers (any thread), or park it until one joins."""
+    def _start(self, call: _Call, batch: _LoopWaker | None = None) -> None:
+        """Send a call to one of its servers (any thread), or park it until one joins.
+
+        ``batch``: the caller's loop, which sends at the end of its iteration.
+        """
         with self.lock:
             if call.done or call.abandoned:
                 return
@@ -345,10 +369,14 @@ class Rpc:
             return
         engine = self.node.engine
         assert engine is not None
-        # If the server left meanwhile, on_peer_leave fails or retries the call from pending.
-        engine.send_payload(server, _encode([PROTO, "call", {
+        payload = _encode([PROTO, "call", {
             "svc": call.service, "id": call.id, "a": call.payload,
-            "ttl": max(0.0, call.deadline - time.monotonic())}]))
+            "ttl": max(0.0, call.deadline - time.monotonic())}])
+        if batch is not None:
+            batch.send(engine, server, payload)
+        else:
+            # If the server left meanwhile, on_peer_leave fails or retries it from pending.
+            engine.send_payload(server, payload)
 
     # ---- replies (I/O thread; local calls: pool threads) ------------------------------------------
     def _on_reply(self, fields: dict[str, Any], peer_id: str) -> None:
