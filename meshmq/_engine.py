@@ -20,6 +20,7 @@ message waits, has this thread drain the socket.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import socket as _socket
@@ -69,13 +70,18 @@ _send_frame: Callable[..., Any] = zmq.backend.Socket.send
 
 
 class _Chan:
-    """A control socket shared between threads: every use of ``sock`` is under ``lock``."""
+    """A control socket shared between threads: every use of ``sock`` is under ``lock``.
 
-    __slots__ = ("closed", "fd", "kicked", "link", "lock", "sock")
+    Senders never wait for the lock: they queue on ``out`` and whoever holds the lock sends
+    the queue before letting go, and looks at it again after (see ``Engine._flush``).
+    """
+
+    __slots__ = ("closed", "fd", "kicked", "link", "lock", "out", "sock")
 
     def __init__(self, sock: zmq.Socket[Any], link: _Link | None) -> None:
         self.sock = sock
         self.lock = threading.Lock()
+        self.out: collections.deque[tuple[bytes | None, bytes]] = collections.deque()
         self.fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         self.link = link
         self.closed = False
@@ -504,29 +510,49 @@ class Engine:
         else:
             chan = self.router
             ident = route[1]
-        sock = chan.sock
-        with chan.lock:
-            if chan.closed:
-                return
-            for one in (payload,) if type(payload) is bytes else payload:
-                try:
-                    if ident is not None:
-                        _send_frame(sock, ident, _MORE_NB)
-                    _send_frame(sock, one, _NB)
-                except zmq.Again:
-                    pass  # not connected (yet): heartbeats and hellos are repeated anyway
-                except zmq.ZMQError as exc:
-                    log.debug("send to %r failed: %s", route, exc)
-                    return
-            # ZMQ_FD is edge-triggered: the send may have consumed the notice of a message
-            # that arrived meanwhile. If one waits, make sure the I/O thread reads it.
-            if chan.kicked or not sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
-                return
-            chan.kicked = True
-        if threading.get_ident() == self._io_ident:
-            self._hot.append(chan)
+        if isinstance(payload, bytes):
+            chan.out.append((ident, payload))
         else:
-            self.call(lambda: self._drain(chan))
+            chan.out.extend([(ident, one) for one in payload])
+        self._flush(chan)
+
+    def _flush(self, chan: _Chan) -> None:
+        """Send what is queued on ``chan`` unless another thread holds it (it will send it).
+
+        Flat combining instead of waiting for the lock: a thread that would block hands its
+        messages to the holder, so senders (pool threads, the I/O thread) never convoy on a
+        socket, and a burst goes out with one ``ZMQ_EVENTS`` check.
+        """
+        out, lock = chan.out, chan.lock
+        while out and lock.acquire(False):
+            kick = False
+            try:
+                if chan.closed:
+                    out.clear()
+                    return
+                sock = chan.sock
+                while out:
+                    ident, payload = out.popleft()
+                    try:
+                        if ident is not None:
+                            _send_frame(sock, ident, _MORE_NB)
+                        _send_frame(sock, payload, _NB)
+                    except zmq.Again:
+                        pass  # not connected (yet): heartbeats and hellos are repeated anyway
+                    except zmq.ZMQError as exc:
+                        log.debug("send on %r failed: %s", chan.link or "router", exc)
+                # ZMQ_FD is edge-triggered: the sends may have consumed the notice of a
+                # message that arrived meanwhile. If one waits, have the I/O thread read it.
+                if not chan.kicked and sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+                    chan.kicked = kick = True
+            finally:
+                lock.release()
+            if kick:
+                if threading.get_ident() == self._io_ident:
+                    self._hot.append(chan)
+                else:
+                    self.call(lambda: self._drain(chan))
+            # loop: a sender that found the lock taken after our last look left its messages
 
     def _drain(self, chan: _Chan) -> None:
         """Read what waits on a control socket (I/O thread), then handle it without the lock."""
@@ -557,6 +583,8 @@ class Engine:
             else:
                 chan.kicked = True  # more may wait: come back after the others had a turn
                 self._hot.append(chan)
+        if chan.out:
+            self._flush(chan)  # sent by other threads while we held the lock
         if link is not None:
             route: tuple[str, Any] = ("out", link.address)
             for _, frame in got:
