@@ -14,7 +14,6 @@ import itertools
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -165,8 +164,7 @@ class Rpc:
         self.pending: dict[str, _Call] = {}      # sent, awaiting a reply
         self.parked: list[_Call] = []            # no server yet: waiting for one to join
         self._servers_cache: dict[str, list[str]] = {}   # replaced whenever a peer changes
-        self._wakers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker] = \
-            weakref.WeakKeyDictionary()
+        self._wakers: dict[asyncio.AbstractEventLoop, _LoopWaker] = {}
         self._checked: set[str] = set()          # service names that passed check_topic
         self._ids = itertools.count(1)
         self._rr = itertools.count()
@@ -265,7 +263,8 @@ class Rpc:
                               f"max_message_bytes={node.max_message_bytes}")
         call = _Call(f"{node.id}-c{next(self._ids):x}", service, payload,
                      time.monotonic() + timeout, retry, notify)
-        self.counters["calls_made"] += 1
+        with self.lock:  # counters are shared by every calling thread
+            self.counters["calls_made"] += 1
         self._start(call, batch)
         return call
 
@@ -284,6 +283,8 @@ class Rpc:
         loop = asyncio.get_running_loop()
         waker = self._wakers.get(loop)
         if waker is None:
+            for old in [lp for lp in self._wakers if lp.is_closed()]:
+                self._wakers.pop(old, None)
             waker = self._wakers[loop] = _LoopWaker(loop)
         waiter: asyncio.Future[Any] = loop.create_future()
         call = self.begin(service, args, kwargs, timeout, retry,
