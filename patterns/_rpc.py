@@ -47,6 +47,7 @@ class _Expired(Exception):
 
 
 _tls = threading.local()
+_SLOT = 0.01   # async call timeouts are rounded up to this many seconds
 
 
 def _encode(obj: Any) -> bytes:
@@ -109,6 +110,29 @@ class _LoopWaker:
         self.scheduled = False
         self.outbox: dict[str, list[bytes]] = {}   # server -> payloads (loop thread only)
         self.engine: Any = None
+        # Timeouts share one loop timer per 10 ms slot (loop thread only): a call_later and a
+        # cancel per call cost more loop time than the rest of the call's bookkeeping.
+        self.slots: dict[int, dict[str, asyncio.Future[Any]]] = {}
+
+    def expire_after(self, timeout: float, cid: str, waiter: asyncio.Future[Any]) -> int:
+        """Fail ``waiter`` with _Expired ``timeout`` seconds from now (up to 10 ms later)."""
+        slot = int((self.loop.time() + timeout) / _SLOT) + 1
+        waiters = self.slots.get(slot)
+        if waiters is None:
+            waiters = self.slots[slot] = {}
+            self.loop.call_at(slot * _SLOT, self._expire, slot)
+        waiters[cid] = waiter
+        return slot
+
+    def forget(self, slot: int, cid: str) -> None:
+        waiters = self.slots.get(slot)
+        if waiters is not None:
+            waiters.pop(cid, None)
+
+    def _expire(self, slot: int) -> None:
+        for waiter in self.slots.pop(slot, {}).values():
+            if not waiter.done():
+                waiter.set_exception(_Expired())
 
     def send(self, engine: Any, server: str, payload: bytes) -> None:
         """Queue a call for the end of this loop iteration (loop thread)."""
@@ -278,8 +302,8 @@ class Rpc:
 
     async def acall(self, service: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                     timeout: float, retry: bool) -> Any:
-        # One loop future settled in batches from the settling thread, and one call_later for
-        # the timeout: asyncio.wait_for(wrap_future(...)) costs ~40 us of loop time per call.
+        # One loop future settled in batches from the settling thread, and a shared timer slot
+        # for the timeout: asyncio.wait_for(wrap_future(...)) costs ~40 us of loop time a call.
         loop = asyncio.get_running_loop()
         waker = self._wakers.get(loop)
         if waker is None:
@@ -289,7 +313,7 @@ class Rpc:
         waiter: asyncio.Future[Any] = loop.create_future()
         call = self.begin(service, args, kwargs, timeout, retry,
                           lambda c: waker.add(waiter, c), waker)
-        expire = loop.call_later(timeout, self._expire, waiter)
+        slot = waker.expire_after(timeout, call.id, waiter)
         try:
             return await waiter
         except _Expired:
@@ -300,12 +324,7 @@ class Rpc:
             self._give_up(call)
             raise
         finally:
-            expire.cancel()
-
-    @staticmethod
-    def _expire(waiter: asyncio.Future[Any]) -> None:
-        if not waiter.done():
-            waiter.set_exception(_Expired())
+            waker.forget(slot, call.id)
 
     def _give_up(self, call: _Call) -> bool:
         """The caller's timeout ran out: True if the call settled after all, else forget it."""
