@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from meshmq.patterns._calls import Call, Expired, LoopWaker, pack
 from meshmq.patterns._pool import Pool, describe_error
 
-from meshmq._codec import decode, new_packer
+from meshmq._codec import decode
 from meshmq._dispatch import HandlerSpec
 from meshmq._envelope import PROTO
 from meshmq._errors import (
@@ -42,138 +43,6 @@ __all__ = ["PeerGone", "Rpc"]
 log = logging.getLogger("meshmq")
 
 
-class _Expired(Exception):
-    """An async call's own timeout (internal)."""
-
-
-_tls = threading.local()
-_SLOT = 0.01   # async call timeouts are rounded up to this many seconds
-
-
-def _encode(obj: Any) -> bytes:
-    """codec.encode() with a packer kept per thread: msgpack.packb builds one per call (~2 us)."""
-    try:
-        pack = _tls.pack
-    except AttributeError:
-        pack = _tls.pack = new_packer().pack
-    try:
-        data: bytes = pack(obj)
-    except EncodeError:
-        raise
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise EncodeError(f"cannot encode {type(obj).__qualname__}: {exc}") from exc
-    return data
-
-
-class _Call:
-    """One call in flight. Its tables (pending, parked) and fields are guarded by Rpc.lock."""
-
-    __slots__ = ("abandoned", "deadline", "done", "id", "notify", "ok", "payload", "retry",
-                 "server", "service", "tried", "value", "waiter")
-
-    def __init__(self, cid: str, service: str, payload: bytes, deadline: float, retry: bool,
-                 notify: Callable[[_Call], None] | None) -> None:
-        self.id = cid
-        self.service = service
-        self.payload = payload     # msgpack of [args, kwargs], encoded once by the caller
-        self.deadline = deadline
-        self.retry = retry
-        self.server: str | None = None
-        self.tried: set[str] = set()
-        self.done = False          # ok and value are set
-        self.ok = False
-        self.value: Any = None     # the result, or the exception to raise
-        self.abandoned = False     # the caller gave up: never start it again
-        # A sync caller blocks on a held lock that the settling thread releases (the cheapest
-        # wake-up CPython has); an async caller is told through notify (from any thread).
-        self.notify = notify
-        self.waiter: threading.Lock | None = None
-        if notify is None:
-            self.waiter = threading.Lock()
-            self.waiter.acquire()
-
-    def result(self) -> Any:
-        if self.ok:
-            return self.value
-        raise self.value
-
-
-class _LoopWaker:
-    """Settles the asyncio futures of one loop's calls, many per wake-up of that loop; and
-    sends the calls its coroutines start in one batch per loop iteration (one lock, one
-    ``ZMQ_EVENTS`` check per batch instead of per call)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.lock = threading.Lock()
-        self.ready: list[tuple[asyncio.Future[Any], _Call]] = []
-        self.scheduled = False
-        self.outbox: dict[str, list[bytes]] = {}   # server -> payloads (loop thread only)
-        self.engine: Any = None
-        # Timeouts share one loop timer per 10 ms slot (loop thread only): a call_later and a
-        # cancel per call cost more loop time than the rest of the call's bookkeeping.
-        self.slots: dict[int, dict[str, asyncio.Future[Any]]] = {}
-
-    def expire_after(self, timeout: float, cid: str, waiter: asyncio.Future[Any]) -> int:
-        """Fail ``waiter`` with _Expired ``timeout`` seconds from now (up to 10 ms later)."""
-        slot = int((self.loop.time() + timeout) / _SLOT) + 1
-        waiters = self.slots.get(slot)
-        if waiters is None:
-            waiters = self.slots[slot] = {}
-            self.loop.call_at(slot * _SLOT, self._expire, slot)
-        waiters[cid] = waiter
-        return slot
-
-    def forget(self, slot: int, cid: str) -> None:
-        waiters = self.slots.get(slot)
-        if waiters is not None:
-            waiters.pop(cid, None)
-
-    def _expire(self, slot: int) -> None:
-        for waiter in self.slots.pop(slot, {}).values():
-            if not waiter.done():
-                waiter.set_exception(_Expired())
-
-    def send(self, engine: Any, server: str, payload: bytes) -> None:
-        """Queue a call for the end of this loop iteration (loop thread)."""
-        out = self.outbox.get(server)
-        if out is None:
-            if not self.outbox:
-                self.engine = engine
-                self.loop.call_soon(self._flush)
-            self.outbox[server] = [payload]
-        else:
-            out.append(payload)
-
-    def _flush(self) -> None:
-        outbox, self.outbox = self.outbox, {}
-        for server, payloads in outbox.items():
-            # if the server left meanwhile, on_peer_leave fails or retries the calls
-            self.engine.send_payload(server, payloads)
-
-    def add(self, fut: asyncio.Future[Any], call: _Call) -> None:
-        with self.lock:
-            self.ready.append((fut, call))
-            if self.scheduled:
-                return
-            self.scheduled = True
-        try:
-            self.loop.call_soon_threadsafe(self._run)
-        except RuntimeError:
-            pass  # the loop is closed: nobody awaits these any more
-
-    def _run(self) -> None:
-        with self.lock:
-            ready, self.ready = self.ready, []
-            self.scheduled = False
-        for fut, call in ready:
-            if not fut.done():
-                if call.ok:
-                    fut.set_result(call.value)
-                else:
-                    fut.set_exception(call.value)
-
-
 class Rpc:
     """The RPC pattern, plugged into a Node.
 
@@ -185,10 +54,10 @@ class Rpc:
         self.node = node
         self.services: dict[str, Pool] = {}
         self.lock = threading.Lock()
-        self.pending: dict[str, _Call] = {}      # sent, awaiting a reply
-        self.parked: list[_Call] = []            # no server yet: waiting for one to join
+        self.pending: dict[str, Call] = {}      # sent, awaiting a reply
+        self.parked: list[Call] = []            # no server yet: waiting for one to join
         self._servers_cache: dict[str, list[str]] = {}   # replaced whenever a peer changes
-        self._wakers: dict[asyncio.AbstractEventLoop, _LoopWaker] = {}
+        self._wakers: dict[asyncio.AbstractEventLoop, LoopWaker] = {}
         self._checked: set[str] = set()          # service names that passed check_topic
         self._ids = itertools.count(1)
         self._rr = itertools.count()
@@ -271,8 +140,8 @@ class Rpc:
 
     # ---- the caller's side ------------------------------------------------------------------------
     def begin(self, service: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-              timeout: float, retry: bool, notify: Callable[[_Call], None] | None = None,
-              batch: _LoopWaker | None = None) -> _Call:
+              timeout: float, retry: bool, notify: Callable[[Call], None] | None = None,
+              batch: LoopWaker | None = None) -> Call:
         """Start a call from any thread; it settles with ``notify(call)`` or its waiter."""
         if service not in self._checked:
             check_topic(service)
@@ -281,11 +150,11 @@ class Rpc:
         node = self.node
         if node._state != "running":
             node._require_running()
-        payload = _encode([list(args), kwargs])
+        payload = pack([list(args), kwargs])
         if len(payload) > node.max_message_bytes:
             raise EncodeError(f"call arguments of {len(payload)} bytes are over "
                               f"max_message_bytes={node.max_message_bytes}")
-        call = _Call(f"{node.id}-c{next(self._ids):x}", service, payload,
+        call = Call(f"{node.id}-c{next(self._ids):x}", service, payload,
                      time.monotonic() + timeout, retry, notify)
         with self.lock:  # counters are shared by every calling thread
             self.counters["calls_made"] += 1
@@ -309,14 +178,14 @@ class Rpc:
         if waker is None:
             for old in [lp for lp in self._wakers if lp.is_closed()]:
                 self._wakers.pop(old, None)
-            waker = self._wakers[loop] = _LoopWaker(loop)
+            waker = self._wakers[loop] = LoopWaker(loop)
         waiter: asyncio.Future[Any] = loop.create_future()
         call = self.begin(service, args, kwargs, timeout, retry,
                           lambda c: waker.add(waiter, c), waker)
         slot = waker.expire_after(timeout, call.id, waiter)
         try:
             return await waiter
-        except _Expired:
+        except Expired:
             if self._give_up(call):
                 return call.result()
             raise self._timed_out(call, timeout) from None
@@ -326,7 +195,7 @@ class Rpc:
         finally:
             waker.forget(slot, call.id)
 
-    def _give_up(self, call: _Call) -> bool:
+    def _give_up(self, call: Call) -> bool:
         """The caller's timeout ran out: True if the call settled after all, else forget it."""
         with self.lock:
             if call.done:
@@ -337,12 +206,12 @@ class Rpc:
                 self.parked.remove(call)
         return False
 
-    def _timed_out(self, call: _Call, timeout: float) -> MeshError:
+    def _timed_out(self, call: Call, timeout: float) -> MeshError:
         if call.server is None:
             return NoPeerError(f"no node serves {call.service!r} (waited {timeout}s)")
         return MeshTimeout(f"{call.service!r} did not answer within {timeout}s")
 
-    def _finish(self, call: _Call, ok: bool, value: Any) -> None:
+    def _finish(self, call: Call, ok: bool, value: Any) -> None:
         """Settle a call its settler took out of the tables (so exactly once), any thread."""
         call.ok, call.value, call.done = ok, value, True
         if call.waiter is not None:
@@ -365,7 +234,7 @@ class Rpc:
                 cache[service] = out
         return out
 
-    def _start(self, call: _Call, batch: _LoopWaker | None = None) -> None:
+    def _start(self, call: Call, batch: LoopWaker | None = None) -> None:
         """Send a call to one of its servers (any thread), or park it until one joins.
 
         ``batch``: the caller's loop, which sends at the end of its iteration.
@@ -389,7 +258,7 @@ class Rpc:
             return
         engine = self.node.engine
         assert engine is not None
-        payload = _encode([PROTO, "call", {
+        payload = pack([PROTO, "call", {
             "svc": call.service, "id": call.id, "a": call.payload,
             "ttl": max(0.0, call.deadline - time.monotonic())}])
         if batch is not None:
@@ -447,7 +316,7 @@ class Rpc:
 
         def reply(ok: bool, value: Any) -> None:
             # straight from the pool thread: the engine's control sockets are thread-safe
-            engine.send_payload(peer_id, _encode([PROTO, "reply", {
+            engine.send_payload(peer_id, pack([PROTO, "reply", {
                 "id": cid, "ok": ok, ("r" if ok else "e"): value}]))
 
         self._serve_local(svc, payload, reply)
@@ -472,7 +341,7 @@ class Rpc:
         def done(ok: bool, value: Any) -> None:
             if ok:
                 try:
-                    result = _encode(value)
+                    result = pack(value)
                     if len(result) > self.node.max_message_bytes:
                         raise EncodeError(f"result of {len(result)} bytes is over "
                                           f"max_message_bytes={self.node.max_message_bytes}")
