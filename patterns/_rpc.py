@@ -156,9 +156,7 @@ class Rpc:
                               f"max_message_bytes={node.max_message_bytes}")
         call = Call(f"{node.id}-c{next(self._ids):x}", service, payload,
                      time.monotonic() + timeout, retry, notify)
-        with self.lock:  # counters are shared by every calling thread
-            self.counters["calls_made"] += 1
-        self._start(call, batch)
+        self._start(call, batch, first=True)
         return call
 
     def call(self, service: str, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -234,12 +232,14 @@ class Rpc:
                 cache[service] = out
         return out
 
-    def _start(self, call: Call, batch: LoopWaker | None = None) -> None:
+    def _start(self, call: Call, batch: LoopWaker | None = None, first: bool = False) -> None:
         """Send a call to one of its servers (any thread), or park it until one joins.
 
         ``batch``: the caller's loop, which sends at the end of its iteration.
         """
         with self.lock:
+            if first:  # counted here, under the lock: callers run on many threads
+                self.counters["calls_made"] += 1
             if call.done or call.abandoned:
                 return
             servers = self._servers(call.service)
