@@ -2,13 +2,17 @@
 
 Sync handlers run on ``concurrency`` threads of their own; ``async def`` handlers run as tasks
 on the node's handler loop with at most ``concurrency`` at once. Never on the I/O thread.
+
+A job goes straight to the worker thread that went idle last (its own lock is the wake-up), so
+at low load the same warm thread runs every call; jobs wait in a FIFO backlog only when every
+worker is busy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import queue
 import threading
 import traceback
 from collections.abc import Callable
@@ -32,6 +36,15 @@ def describe_error(exc: BaseException) -> dict[str, str]:
             "traceback": "".join(traceback.format_exception(exc))}
 
 
+class _Worker:
+    __slots__ = ("job", "wake")
+
+    def __init__(self) -> None:
+        self.job: Any = None
+        self.wake = threading.Lock()   # held while the worker waits; released to hand a job
+        self.wake.acquire()
+
+
 class Pool:
     """Runs ``call()`` jobs, ``concurrency`` at a time, and hands each outcome to ``done``."""
 
@@ -44,13 +57,18 @@ class Pool:
         self.errors = 0
         self.done = 0
         self._threads: list[threading.Thread] = []
-        self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._mutex = threading.Lock()
+        self._idle: list[_Worker] = []                   # last idle first
+        self._backlog: collections.deque[Any] = collections.deque()
         if self.is_async:
             self.loop = loop_factory()
             self._sem: asyncio.Semaphore | None = None
         else:
             for i in range(concurrency):
-                t = threading.Thread(target=self._work, name=f"meshmq-{label}-{i}", daemon=True)
+                w = _Worker()
+                self._idle.append(w)
+                t = threading.Thread(target=self._work, args=(w,), name=f"meshmq-{label}-{i}",
+                                     daemon=True)
                 t.start()
                 self._threads.append(t)
 
@@ -59,8 +77,15 @@ class Pool:
         """Run ``fn(*args, **kwargs)`` soon; call ``done(ok, result_or_error)`` after."""
         if self.is_async:
             self.loop.call_soon_threadsafe(self._spawn, args, kwargs, done)
-        else:
-            self._q.put((args, kwargs, done))
+            return
+        job = (args, kwargs, done)
+        with self._mutex:
+            if not self._idle:
+                self._backlog.append(job)
+                return
+            w = self._idle.pop()
+        w.job = job
+        w.wake.release()
 
     def _finish(self, done: Callable[[bool, Any], None], ok: bool, value: Any) -> None:
         self.done += 1
@@ -69,20 +94,27 @@ class Pool:
         except Exception:  # noqa: BLE001 - reporting must not kill the worker
             log.exception("reporting the outcome of %s failed", self.label)
 
-    def _work(self) -> None:
-        fn, get = self.fn, self._q.get
+    def _work(self, w: _Worker) -> None:
+        fn, mutex, idle, backlog = self.fn, self._mutex, self._idle, self._backlog
         while True:
-            job = get()
-            if job is _STOP:
-                return
-            args, kwargs, done = job
-            try:
-                result = fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - a handler's failure travels as data
-                self.errors += 1
-                self._finish(done, False, exc)
+            w.wake.acquire()
+            job, w.job = w.job, None
+            while job is not _STOP:
+                args, kwargs, done = job
+                try:
+                    result = fn(*args, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - a handler's failure travels as data
+                    self.errors += 1
+                    self._finish(done, False, exc)
+                else:
+                    self._finish(done, True, result)
+                with mutex:
+                    if not backlog:
+                        idle.append(w)
+                        break
+                    job = backlog.popleft()
             else:
-                self._finish(done, True, result)
+                return
 
     def _spawn(self, args: tuple[Any, ...], kwargs: dict[str, Any],
                done: Callable[[bool, Any], None]) -> None:
@@ -103,7 +135,13 @@ class Pool:
                 self._finish(done, True, result)
 
     def close(self, timeout: float) -> None:
-        for _ in self._threads:
-            self._q.put(_STOP)
+        """Let the workers finish the backlog, then stop them; wait up to ``timeout`` each."""
+        with self._mutex:
+            idle, self._idle = self._idle, []
+            # busy workers take these after the backlog; idle ones are told now
+            self._backlog.extend(_STOP for _ in range(len(self._threads) - len(idle)))
+        for w in idle:
+            w.job = _STOP
+            w.wake.release()
         for t in self._threads:
             t.join(timeout)

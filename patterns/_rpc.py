@@ -3,24 +3,26 @@
 Arguments and results are msgpack (never pickle). A handler's exception comes back as
 :class:`RemoteError` (type name, message, traceback text). A server that dies mid-call fails the
 call with :class:`PeerGone`, or, with ``retry=True`` (only for idempotent calls), sends it to
-another server. State lives on the node's I/O thread; callers wait on futures.
+another server. Calls and replies are sent by the thread that makes them; replies are read by
+the node's I/O thread, which wakes the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from meshmq.patterns._calls import Call, Expired, LoopWaker, pack
 from meshmq.patterns._pool import Pool, describe_error
 
-from meshmq._codec import decode, encode
+from meshmq._codec import decode
 from meshmq._dispatch import HandlerSpec
+from meshmq._envelope import PROTO
 from meshmq._errors import (
     DecodeError,
     EncodeError,
@@ -41,26 +43,22 @@ __all__ = ["PeerGone", "Rpc"]
 log = logging.getLogger("meshmq")
 
 
-@dataclass(eq=False)
-class _Call:
-    id: str
-    service: str
-    payload: bytes               # msgpack of [args, kwargs], encoded once by the caller
-    future: concurrent.futures.Future[Any]
-    deadline: float
-    retry: bool
-    server: str | None = None
-    tried: set[str] = field(default_factory=set)
-
-
 class Rpc:
-    """The RPC pattern, plugged into a Node."""
+    """The RPC pattern, plugged into a Node.
+
+    Calls and replies leave from the thread that makes them (``Engine.send_to`` is
+    thread-safe); replies arrive on the I/O thread. ``lock`` guards the call tables.
+    """
 
     def __init__(self, node: Node) -> None:
         self.node = node
         self.services: dict[str, Pool] = {}
-        self.pending: dict[str, _Call] = {}      # I/O thread only
-        self.parked: list[_Call] = []            # no server yet: waiting for one to join
+        self.lock = threading.Lock()
+        self.pending: dict[str, Call] = {}      # sent, awaiting a reply
+        self.parked: list[Call] = []            # no server yet: waiting for one to join
+        self._servers_cache: dict[str, list[str]] = {}   # replaced whenever a peer changes
+        self._wakers: dict[asyncio.AbstractEventLoop, LoopWaker] = {}
+        self._checked: set[str] = set()          # service names that passed check_topic
         self._ids = itertools.count(1)
         self._rr = itertools.count()
         self.counters = {"calls_made": 0, "calls_served": 0, "calls_retried": 0,
@@ -72,17 +70,22 @@ class Rpc:
             return False
         self.services[spec.name] = Pool(fn, f"rpc-{spec.name}", spec.options["concurrency"],
                                         node._handler_loop)
+        self._servers_cache = {}
         return True
 
     def start(self, node: Node) -> None:
-        pass
+        assert node.engine is not None
+        node.engine.ctl_handlers.update({"call": self._serve, "reply": self._on_reply})
 
     def stop(self, node: Node) -> None:
         for pool in self.services.values():
             pool.close(0.5)
-        for call in [*self.pending.values(), *self.parked]:
-            if not call.future.done():
-                call.future.set_exception(PeerGone("the calling node stopped"))
+        with self.lock:
+            calls = [*self.pending.values(), *self.parked]
+            self.pending.clear()
+            self.parked = []
+        for call in calls:
+            self._finish(call, False, PeerGone("the calling node stopped"))
 
     def stats(self) -> dict[str, int]:
         return {**self.counters, "calls_pending": len(self.pending) + len(self.parked)}
@@ -97,140 +100,174 @@ class Rpc:
         return True
 
     def on_peer_join(self, info: PeerInfo) -> None:
+        self._servers_cache = {}
         if self.parked and info.services:
-            parked, self.parked = self.parked, []
+            with self.lock:
+                parked, self.parked = self.parked, []
             for call in parked:
                 self._start(call)
 
     on_peer_update = on_peer_join
 
     def on_peer_leave(self, info: PeerInfo) -> None:
-        for call in [c for c in self.pending.values() if c.server == info.id]:
-            del self.pending[call.id]
+        # The engine dropped the peer before telling us: a call that picks a server after the
+        # scan below cannot pick this one, and one that picked it before is in pending.
+        self._servers_cache = {}
+        with self.lock:
+            gone = [c for c in self.pending.values() if c.server == info.id]
+            for call in gone:
+                del self.pending[call.id]
+        for call in gone:
             if call.retry and time.monotonic() < call.deadline:
                 self.counters["calls_retried"] += 1
                 log.warning("server %s left during %s: retrying elsewhere", info.name,
                             call.service)
                 self._start(call)
-            elif not call.future.done():
-                call.future.set_exception(PeerGone(
+            else:
+                self._finish(call, False, PeerGone(
                     f"{info.name} left while serving {call.service!r} (pass retry=True for "
                     "idempotent calls)"))
 
     def tick(self, now: float) -> None:
         """Fail parked calls whose deadline passed (no server appeared)."""
         if self.parked:
-            keep = []
-            for call in self.parked:
-                if now >= call.deadline:
-                    if not call.future.done():
-                        call.future.set_exception(NoPeerError(
-                            f"no node serves {call.service!r}"))
-                else:
-                    keep.append(call)
-            self.parked = keep
+            with self.lock:
+                expired = [c for c in self.parked if now >= c.deadline]
+                if expired:
+                    self.parked = [c for c in self.parked if now < c.deadline]
+            for call in expired:
+                self._finish(call, False, NoPeerError(f"no node serves {call.service!r}"))
 
     # ---- the caller's side ------------------------------------------------------------------------
     def begin(self, service: str, args: tuple[Any, ...], kwargs: dict[str, Any],
-              timeout: float, retry: bool) -> _Call:
-        """Start a call from any thread; the returned call's future settles with the result."""
-        check_topic(service)
+              timeout: float, retry: bool, notify: Callable[[Call], None] | None = None,
+              batch: LoopWaker | None = None) -> Call:
+        """Start a call from any thread; it settles with ``notify(call)`` or its waiter."""
+        if service not in self._checked:
+            check_topic(service)
+            if len(self._checked) < 10_000:
+                self._checked.add(service)
         node = self.node
-        node._require_running()
-        payload = encode([list(args), kwargs])
+        if node._state != "running":
+            node._require_running()
+        payload = pack([list(args), kwargs])
         if len(payload) > node.max_message_bytes:
             raise EncodeError(f"call arguments of {len(payload)} bytes are over "
                               f"max_message_bytes={node.max_message_bytes}")
-        call = _Call(f"{node.id}-c{next(self._ids):x}", service, payload,
-                     concurrent.futures.Future(), time.monotonic() + timeout, retry)
-        self.counters["calls_made"] += 1
-        assert node.engine is not None
-        node.engine.call(lambda: self._start(call))
+        call = Call(f"{node.id}-c{next(self._ids):x}", service, payload,
+                     time.monotonic() + timeout, retry, notify)
+        self._start(call, batch, first=True)
         return call
 
     def call(self, service: str, args: tuple[Any, ...], kwargs: dict[str, Any],
              timeout: float, retry: bool) -> Any:
         call = self.begin(service, args, kwargs, timeout, retry)
-        try:
-            return call.future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise self._timed_out(call, timeout) from None
+        assert call.waiter is not None
+        if not call.waiter.acquire(timeout=max(0.0, timeout)) and not self._give_up(call):
+            raise self._timed_out(call, timeout)
+        return call.result()
 
     async def acall(self, service: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                     timeout: float, retry: bool) -> Any:
-        # One loop future settled straight from the I/O thread, and one call_later for the
-        # timeout: asyncio.wait_for(wrap_future(...)) costs ~40 us of loop time per call.
+        # One loop future settled in batches from the settling thread, and a shared timer slot
+        # for the timeout: asyncio.wait_for(wrap_future(...)) costs ~40 us of loop time a call.
         loop = asyncio.get_running_loop()
+        waker = self._wakers.get(loop)
+        if waker is None:
+            for old in [lp for lp in self._wakers if lp.is_closed()]:
+                self._wakers.pop(old, None)
+            waker = self._wakers[loop] = LoopWaker(loop)
         waiter: asyncio.Future[Any] = loop.create_future()
-        call = self.begin(service, args, kwargs, timeout, retry)
-
-        def settle(f: concurrent.futures.Future[Any]) -> None:
-            if not waiter.done():
-                exc = f.exception()
-                if exc is None:
-                    waiter.set_result(f.result())
-                else:
-                    waiter.set_exception(exc)
-
-        call.future.add_done_callback(lambda f: loop.call_soon_threadsafe(settle, f))
-        def timed_out() -> None:
-            if not waiter.done():
-                waiter.set_exception(TimeoutError())
-
-        expire = loop.call_later(timeout, timed_out)
+        call = self.begin(service, args, kwargs, timeout, retry,
+                          lambda c: waker.add(waiter, c), waker)
+        slot = waker.expire_after(timeout, call.id, waiter)
         try:
             return await waiter
-        except TimeoutError:
-            if call.future.done() and not call.future.cancelled() and \
-                    call.future.exception() is None:
-                return call.future.result()
+        except Expired:
+            if self._give_up(call):
+                return call.result()
             raise self._timed_out(call, timeout) from None
+        except asyncio.CancelledError:
+            self._give_up(call)
+            raise
         finally:
-            expire.cancel()
+            waker.forget(slot, call.id)
 
-    def _timed_out(self, call: _Call, timeout: float) -> MeshError:
-        engine = self.node.engine
-        if engine is not None:
-            engine.call(lambda: self._forget(call))
+    def _give_up(self, call: Call) -> bool:
+        """The caller's timeout ran out: True if the call settled after all, else forget it."""
+        with self.lock:
+            if call.done:
+                return True
+            call.abandoned = True
+            self.pending.pop(call.id, None)
+            if call in self.parked:
+                self.parked.remove(call)
+        return False
+
+    def _timed_out(self, call: Call, timeout: float) -> MeshError:
         if call.server is None:
             return NoPeerError(f"no node serves {call.service!r} (waited {timeout}s)")
         return MeshTimeout(f"{call.service!r} did not answer within {timeout}s")
 
-    def _forget(self, call: _Call) -> None:
-        self.pending.pop(call.id, None)
-        if call in self.parked:
-            self.parked.remove(call)
+    def _finish(self, call: Call, ok: bool, value: Any) -> None:
+        """Settle a call its settler took out of the tables (so exactly once), any thread."""
+        call.ok, call.value, call.done = ok, value, True
+        if call.waiter is not None:
+            call.waiter.release()
+        elif call.notify is not None:
+            call.notify(call)
 
-    # ---- I/O thread -----------------------------------------------------------------------------
     def _servers(self, service: str) -> list[str]:
-        engine = self.node.engine
-        assert engine is not None
-        out = sorted(pid for pid, p in engine.peers.items() if service in p.info.services)
-        if service in self.services:
-            out.append(self.node.id)
+        cache = self._servers_cache   # before reading the peers: a change replaces it after
+        out = cache.get(service)
+        if out is None:
+            engine = self.node.engine
+            assert engine is not None
+            with self.node.state_lock:
+                out = sorted(pid for pid, p in engine.peers.items()
+                             if service in p.info.services)
+            if service in self.services:
+                out.append(self.node.id)
+            if len(cache) < 10_000:
+                cache[service] = out
         return out
 
-    def _start(self, call: _Call) -> None:
-        if call.future.done():
-            return
-        servers = self._servers(call.service)
-        fresh = [s for s in servers if s not in call.tried] or servers
-        if not fresh:
-            self.parked.append(call)
-            return
-        server = fresh[next(self._rr) % len(fresh)]
-        call.server = server
-        call.tried.add(server)
-        self.pending[call.id] = call
-        if server == self.node.id:
-            self._serve_local(call.service, call.payload, lambda ok, v: self.node.engine.call(  # type: ignore[union-attr]
-                lambda: self._settle(call.id, server, ok, v)))
-            return
-        assert self.node.engine is not None
-        self.node.engine.send_to(server, "call", {
-            "svc": call.service, "id": call.id, "a": call.payload,
-            "ttl": max(0.0, call.deadline - time.monotonic())})
+    def _start(self, call: Call, batch: LoopWaker | None = None, first: bool = False) -> None:
+        """Send a call to one of its servers (any thread), or park it until one joins.
 
+        ``batch``: the caller's loop, which sends at the end of its iteration.
+        """
+        with self.lock:
+            if first:  # counted here, under the lock: callers run on many threads
+                self.counters["calls_made"] += 1
+            if call.done or call.abandoned:
+                return
+            servers = self._servers(call.service)
+            fresh = ([s for s in servers if s not in call.tried] or servers) if call.tried \
+                else servers
+            if not fresh:
+                self.parked.append(call)
+                return
+            server = fresh[next(self._rr) % len(fresh)] if len(fresh) > 1 else fresh[0]
+            call.server = server
+            call.tried.add(server)
+            self.pending[call.id] = call
+        if server == self.node.id:
+            self._serve_local(call.service, call.payload,
+                              lambda ok, v: self._settle(call.id, server, ok, v))
+            return
+        engine = self.node.engine
+        assert engine is not None
+        payload = pack([PROTO, "call", {
+            "svc": call.service, "id": call.id, "a": call.payload,
+            "ttl": max(0.0, call.deadline - time.monotonic())}])
+        if batch is not None:
+            batch.send(engine, server, payload)
+        else:
+            # If the server left meanwhile, on_peer_leave fails or retries it from pending.
+            engine.send_payload(server, payload)
+
+    # ---- replies (I/O thread; local calls: pool threads) ------------------------------------------
     def _on_reply(self, fields: dict[str, Any], peer_id: str) -> None:
         cid = fields.get("id")
         if type(cid) is not str:
@@ -244,17 +281,18 @@ class Rpc:
             self._settle(cid, peer_id, False, fields.get("e"))
 
     def _settle(self, cid: str, server: str, ok: bool, value: Any) -> None:
-        call = self.pending.get(cid)
-        if call is None or call.server != server:
-            return  # late: timed out, or already retried elsewhere
-        del self.pending[cid]
-        if call.future.done():
-            return
+        with self.lock:
+            call = self.pending.get(cid)
+            if call is None or call.server != server:
+                return  # late: timed out, or already retried elsewhere
+            del self.pending[cid]
         if ok:
             try:
-                call.future.set_result(decode(value) if type(value) is bytes else value)
+                result = decode(value) if type(value) is bytes else value
             except DecodeError as exc:
-                call.future.set_exception(exc)
+                self._finish(call, False, exc)
+            else:
+                self._finish(call, True, result)
             return
         err = value if type(value) is dict else {}
         if err.get("retry") is True and any(
@@ -263,10 +301,11 @@ class Rpc:
             self._start(call)  # the server no longer serves it: another one may
             return
         self.counters["calls_failed_remote"] += 1
-        call.future.set_exception(RemoteError(str(err.get("type", "Exception")),
+        self._finish(call, False, RemoteError(str(err.get("type", "Exception")),
                                               str(err.get("message", "")),
                                               str(err.get("traceback", ""))))
 
+    # ---- the server's side ------------------------------------------------------------------------
     def _serve(self, fields: dict[str, Any], peer_id: str) -> None:
         engine = self.node.engine
         assert engine is not None
@@ -276,8 +315,9 @@ class Rpc:
             return
 
         def reply(ok: bool, value: Any) -> None:
-            engine.call(lambda: engine.send_to(peer_id, "reply", {"id": cid, "ok": ok, (
-                "r" if ok else "e"): value}))
+            # straight from the pool thread: the engine's control sockets are thread-safe
+            engine.send_payload(peer_id, pack([PROTO, "reply", {
+                "id": cid, "ok": ok, ("r" if ok else "e"): value}]))
 
         self._serve_local(svc, payload, reply)
 
@@ -301,7 +341,7 @@ class Rpc:
         def done(ok: bool, value: Any) -> None:
             if ok:
                 try:
-                    result = encode(value)
+                    result = pack(value)
                     if len(result) > self.node.max_message_bytes:
                         raise EncodeError(f"result of {len(result)} bytes is over "
                                           f"max_message_bytes={self.node.max_message_bytes}")

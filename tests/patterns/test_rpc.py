@@ -218,3 +218,47 @@ def test_async_handler_and_async_caller(make_node: Callable[..., Node]) -> None:
         return got, ""
 
     assert asyncio.run(main()) == (5, "TypeError")
+
+
+def test_calls_from_many_threads_at_once(make_node: Callable[..., Node]) -> None:
+    """Callers on several threads send on the shared control sockets themselves."""
+    client = make_node("client")
+    server = make_node("server", peers=[client.address])
+    serve(server, "math.scale", "server")
+    client.wait_for_servers("math.scale", 1, timeout=5)
+    results: dict[int, list[int]] = {}
+
+    def caller(t: int) -> None:
+        results[t] = [client.call("math.scale", i, scale=t, timeout=10)["value"]
+                      for i in range(100)]
+
+    threads = [threading.Thread(target=caller, args=(t,)) for t in range(1, 9)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert results == {t: [i * t for i in range(100)] for t in range(1, 9)}
+    stats = client.stats()
+    assert stats["calls_made"] == 800 and stats["calls_pending"] == 0, stats
+
+
+def test_async_timeout_then_later_calls_still_work(make_node: Callable[..., Node]) -> None:
+    server = make_node("server")
+    serve(server, "slow", "server", delay=0.5)
+    serve(server, "fast", "server")
+
+    async def main() -> tuple[str, int]:
+        async with AsyncNode("client", peers=[server.address], timing=QUICK) as client:
+            await client.wait_for_servers("slow", 1, timeout=5)
+            started = time.monotonic()
+            try:
+                await client.call("slow", 1, timeout=0.1)
+                kind = "no timeout"
+            except MeshTimeout:
+                kind = "timeout"
+            waited = time.monotonic() - started
+            assert 0.1 <= waited < 0.4, waited
+            got = await client.call("fast", 7, timeout=5)
+            return kind, got["value"]
+
+    assert asyncio.run(main()) == ("timeout", 7)
