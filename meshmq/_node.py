@@ -63,8 +63,9 @@ tasks_*         pipelines: pushed, completed (acked or dead-lettered), redeliver
 deadlettered    tasks published on deadletter.<queue> after max_attempts failures
 late_acks       acks for tasks already given to another worker (counted, ignored)
 backpressure_rejects  push(block=False) calls refused with Backpressure
-calls_*         RPC: made, served, raised (our handler raised), retried (server died, retry=True),
-                failed_remote (a RemoteError came back), pending
+calls_*         RPC: made, served, raised (our handler raised), expired (not run: the caller's
+                ttl passed while the call waited for a worker), retried (server died,
+                retry=True), failed_remote (a RemoteError came back), pending
 confirmed, confirm_resends, replay*, repaired, gaps_unrepaired
                 with a journal (once the node used one): see docs/JOURNAL.md
 """

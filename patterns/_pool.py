@@ -14,13 +14,15 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 from meshmq._dispatch import is_async
+from meshmq._errors import MeshTimeout
 
-__all__ = ["Outcome", "Pool", "describe_error"]
+__all__ = ["Abandoned", "Outcome", "Pool", "describe_error"]
 
 log = logging.getLogger("meshmq")
 
@@ -28,6 +30,10 @@ log = logging.getLogger("meshmq")
 Outcome = tuple[bool, Any]
 Job = tuple[Callable[[], Any], Callable[[bool, Any], None]]
 _STOP: Any = object()
+
+
+class Abandoned(MeshTimeout):
+    """A job whose caller's deadline passed before a worker could start it: it is not run."""
 
 
 def describe_error(exc: BaseException) -> dict[str, str]:
@@ -56,6 +62,7 @@ class Pool:
         self.is_async = is_async(fn)
         self.errors = 0
         self.done = 0
+        self.expired = 0      # jobs not run: their caller's deadline passed while they waited
         self._threads: list[threading.Thread] = []
         self._mutex = threading.Lock()
         self._idle: list[_Worker] = []                   # last idle first
@@ -73,12 +80,16 @@ class Pool:
                 self._threads.append(t)
 
     def submit(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-               done: Callable[[bool, Any], None]) -> None:
-        """Run ``fn(*args, **kwargs)`` soon; call ``done(ok, result_or_error)`` after."""
+               done: Callable[[bool, Any], None], expires: float | None = None) -> None:
+        """Run ``fn(*args, **kwargs)`` soon; call ``done(ok, result_or_error)`` after.
+
+        ``expires`` (time.monotonic()): a job that has not started by then is not run; it
+        ends with ``done(False, Abandoned(...))`` (the caller has given up waiting for it).
+        """
         if self.is_async:
-            self.loop.call_soon_threadsafe(self._spawn, args, kwargs, done)
+            self.loop.call_soon_threadsafe(self._spawn, args, kwargs, done, expires)
             return
-        job = (args, kwargs, done)
+        job = (args, kwargs, done, expires)
         with self._mutex:
             if not self._idle:
                 self._backlog.append(job)
@@ -86,6 +97,11 @@ class Pool:
             w = self._idle.pop()
         w.job = job
         w.wake.release()
+
+    def _expire(self, done: Callable[[bool, Any], None]) -> None:
+        self.expired += 1
+        self._finish(done, False, Abandoned(
+            f"{self.label}: not started before its caller's deadline, so not run"))
 
     def _finish(self, done: Callable[[bool, Any], None], ok: bool, value: Any) -> None:
         self.done += 1
@@ -100,14 +116,17 @@ class Pool:
             w.wake.acquire()
             job, w.job = w.job, None
             while job is not _STOP:
-                args, kwargs, done = job
-                try:
-                    result = fn(*args, **kwargs)
-                except Exception as exc:  # noqa: BLE001 - a handler's failure travels as data
-                    self.errors += 1
-                    self._finish(done, False, exc)
+                args, kwargs, done, expires = job
+                if expires is not None and time.monotonic() > expires:
+                    self._expire(done)
                 else:
-                    self._finish(done, True, result)
+                    try:
+                        result = fn(*args, **kwargs)
+                    except Exception as exc:  # noqa: BLE001 - a handler's failure is data
+                        self.errors += 1
+                        self._finish(done, False, exc)
+                    else:
+                        self._finish(done, True, result)
                 with mutex:
                     if not backlog:
                         idle.append(w)
@@ -117,15 +136,19 @@ class Pool:
                 return
 
     def _spawn(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-               done: Callable[[bool, Any], None]) -> None:
+               done: Callable[[bool, Any], None], expires: float | None = None) -> None:
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
-        asyncio.ensure_future(self._run_async(args, kwargs, done))
+        asyncio.ensure_future(self._run_async(args, kwargs, done, expires))
 
     async def _run_async(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-                         done: Callable[[bool, Any], None]) -> None:
+                         done: Callable[[bool, Any], None], expires: float | None = None
+                         ) -> None:
         assert self._sem is not None
         async with self._sem:
+            if expires is not None and time.monotonic() > expires:
+                self._expire(done)
+                return
             try:
                 result = await self.fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001

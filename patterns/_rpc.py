@@ -18,9 +18,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from meshmq.patterns._calls import Call, Expired, LoopWaker, pack
-from meshmq.patterns._pool import Pool, describe_error
+from meshmq.patterns._pool import Abandoned, Pool, describe_error
 
-from meshmq._codec import decode
+from meshmq._codec import CONTAINERS, check_keys, decode
 from meshmq._dispatch import HandlerSpec
 from meshmq._envelope import PROTO
 from meshmq._errors import (
@@ -62,7 +62,7 @@ class Rpc:
         self._ids = itertools.count(1)
         self._rr = itertools.count()
         self.counters = {"calls_made": 0, "calls_served": 0, "calls_retried": 0,
-                         "calls_failed_remote": 0, "calls_raised": 0}
+                         "calls_failed_remote": 0, "calls_raised": 0, "calls_expired": 0}
 
     # ---- plugin hooks -----------------------------------------------------------------------
     def bind(self, node: Node, spec: HandlerSpec, fn: Callable[..., Any]) -> bool:
@@ -150,6 +150,7 @@ class Rpc:
         node = self.node
         if node._state != "running":
             node._require_running()
+        check_keys((args, kwargs))     # what the server's decoder would refuse fails here
         payload = pack([list(args), kwargs])
         if len(payload) > node.max_message_bytes:
             raise EncodeError(f"call arguments of {len(payload)} bytes are over "
@@ -254,7 +255,7 @@ class Rpc:
             self.pending[call.id] = call
         if server == self.node.id:
             self._serve_local(call.service, call.payload,
-                              lambda ok, v: self._settle(call.id, server, ok, v))
+                              lambda ok, v: self._settle(call.id, server, ok, v), call.deadline)
             return
         engine = self.node.engine
         assert engine is not None
@@ -313,15 +314,21 @@ class Rpc:
         if type(cid) is not str or type(svc) is not str or type(payload) is not bytes:
             engine.malformed += 1
             return
+        ttl = fields.get("ttl")
+        # The caller gives up after ttl: a call still waiting for a worker then is not run.
+        expires = None
+        if (type(ttl) is float or type(ttl) is int) and ttl >= 0:
+            expires = time.monotonic() + ttl
 
         def reply(ok: bool, value: Any) -> None:
             # straight from the pool thread: the engine's control sockets are thread-safe
             engine.send_payload(peer_id, pack([PROTO, "reply", {
                 "id": cid, "ok": ok, ("r" if ok else "e"): value}]))
 
-        self._serve_local(svc, payload, reply)
+        self._serve_local(svc, payload, reply, expires)
 
-    def _serve_local(self, svc: str, payload: bytes, reply: Callable[[bool, Any], None]) -> None:
+    def _serve_local(self, svc: str, payload: bytes, reply: Callable[[bool, Any], None],
+                     expires: float | None = None) -> None:
         """Run a call on this node; ``reply(ok, msgpack result | error dict)`` from any thread."""
         pool = self.services.get(svc)
         if pool is None:
@@ -341,6 +348,8 @@ class Rpc:
         def done(ok: bool, value: Any) -> None:
             if ok:
                 try:
+                    if type(value) in CONTAINERS:
+                        check_keys(value)
                     result = pack(value)
                     if len(result) > self.node.max_message_bytes:
                         raise EncodeError(f"result of {len(result)} bytes is over "
@@ -348,11 +357,14 @@ class Rpc:
                     reply(True, result)
                 except MeshError as exc:
                     reply(False, describe_error(exc))
+            elif isinstance(value, Abandoned):
+                self.counters["calls_expired"] += 1   # nobody waits for the answer any more
+                reply(False, describe_error(value))
             else:
                 self.counters["calls_raised"] += 1  # the caller gets it as RemoteError
                 reply(False, describe_error(value))
 
-        pool.submit(tuple(args), kwargs, done)
+        pool.submit(tuple(args), kwargs, done, expires)
 
 
 def rpc_spec(service: str, concurrency: int) -> HandlerSpec:

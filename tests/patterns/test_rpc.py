@@ -12,6 +12,7 @@ import pytest
 
 from meshmq import (
     AsyncNode,
+    EncodeError,
     MeshError,
     MeshTimeout,
     Node,
@@ -20,6 +21,7 @@ from meshmq import (
     RemoteError,
     Timing,
 )
+from meshmq.testing import wait_until
 
 QUICK = Timing(heartbeat_interval=0.1, peer_timeout=0.8, hello_interval=0.1, tick=0.05,
                stop_timeout=2.0, linger=0.1)
@@ -262,3 +264,50 @@ def test_async_timeout_then_later_calls_still_work(make_node: Callable[..., Node
             return kind, got["value"]
 
     assert asyncio.run(main()) == ("timeout", 7)
+
+
+def test_a_call_whose_caller_gave_up_before_it_started_is_not_run(
+        make_node: Callable[..., Node]) -> None:
+    client = make_node("client")
+    server = make_node("server", peers=[client.address])
+    gate = threading.Event()
+    ran: list[str] = []
+
+    @server.rpc("one.at.a.time", concurrency=1)
+    def work(tag: str) -> str:
+        ran.append(tag)
+        if tag == "first":
+            gate.wait(10)
+        return tag
+
+    client.wait_for_servers("one.at.a.time", timeout=5)
+    first = threading.Thread(target=lambda: client.call("one.at.a.time", "first", timeout=10))
+    first.start()
+    wait_until(lambda: ran == ["first"], timeout=5)
+    with pytest.raises(MeshTimeout):     # waits behind "first", past its own deadline
+        client.call("one.at.a.time", "late", timeout=0.3)
+    gate.set()
+    first.join(10)
+    wait_until(lambda: server.stats()["calls_expired"] == 1, timeout=5)
+    assert ran == ["first"]              # "late" was never run: nobody waited for it
+    assert client.call("one.at.a.time", "again", timeout=5) == "again"
+
+
+def test_call_arguments_with_keys_receivers_refuse_fail_at_the_caller(
+        make_node: Callable[..., Node]) -> None:
+    node = make_node("solo")
+
+    @node.rpc("echo")
+    def echo(value: object) -> object:
+        return value
+
+    @node.rpc("bad.result")
+    def bad() -> object:
+        return {"sizes": {640: "vga"}}
+
+    with pytest.raises(EncodeError, match="keys must be str or bytes"):
+        node.call("echo", {1: "x"}, timeout=5)
+    with pytest.raises(RemoteError) as info:     # the server refuses to send such a result
+        node.call("bad.result", timeout=5)
+    assert "keys must be str or bytes" in info.value.message
+    assert node.call("echo", {"ok": [1]}, timeout=5) == {"ok": [1]}
