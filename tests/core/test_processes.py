@@ -101,6 +101,25 @@ def test_garbage_on_the_pub_path_is_counted_and_dropped(make_node: Callable[...,
     assert stats["received"] == 1
 
 
+def test_a_lone_frame_does_not_cost_the_next_message(make_node: Callable[..., Node]) -> None:
+    # The receiver learns that a topic frame stood alone only from the frame after it, which
+    # is then the next message's topic: it starts over from there and loses nothing.
+    node = make_node("victim")
+    got = Collector()
+    node.subscribe("t")(got)
+    with RawPeer("vandal") as raw:
+        raw.hello(node.address)
+        raw.wait_subscribed(b"t")
+        for i in range(1, 4):
+            raw.pub.send_multipart([b"t"])               # one frame: malformed
+            raw.publish("t", f"ok {i}", i)               # delivered all the same
+        raw.pub.send_multipart([b"t", b"x", b"y", b"z"])  # four frames: counted, dropped
+        raw.publish("t", "last", 4)
+        assert [m.body for m in got.wait(4)] == ["ok 1", "ok 2", "ok 3", "last"]
+    stats = node.stats()
+    assert stats["received"] == 4 and stats["malformed"] >= 4
+
+
 def test_garbage_on_the_control_endpoint(make_node: Callable[..., Node]) -> None:
     node = make_node("victim")
     ctx = zmq.Context()
