@@ -60,6 +60,8 @@ discovery       with mDNS only: a dict of discovery counters (records seen, garb
                 records ignored, peers dialled, ...; see docs/DISCOVERY.md)
 tasks_*         pipelines: pushed, completed (acked or dead-lettered), redelivered (worker
                 died), failed (handler raised), worked (by this node), backlog, inflight
+worker_credit   a dict: queue -> the credit (concurrency + prefetch) this node's worker of it
+                advertises now; it adapts unless prefetch= was given
 deadlettered    tasks published on deadletter.<queue> after max_attempts failures
 late_acks       acks for tasks already given to another worker (counted, ignored)
 backpressure_rejects  push(block=False) calls refused with Backpressure
@@ -541,9 +543,11 @@ class Node:
         """Decorator: one of the workers of ``queue`` gets each task (``msg.attempt`` counts).
 
         ``concurrency`` tasks run at once; ``prefetch`` more may wait here so that the next one
-        is at hand when a handler returns (default 4). The credit this
-        worker grants each pusher is ``concurrency + prefetch``: 0 gives the strictest fairness
-        for slow tasks, more gives throughput for short ones. A task whose handler raises
+        is at hand when a handler returns. The credit this worker grants each pusher is
+        ``concurrency + prefetch``: 0 gives the strictest fairness for slow tasks, more gives
+        throughput for short ones. Left as None, it adapts to about 20 ms of the handler's
+        measured work (0..128; 4 until measured): no prefetch for slow tasks, a deep window
+        for short ones. A task whose handler raises
         ``max_attempts`` times goes to ``deadletter.<queue>``; with ``emit``, the return value
         is pushed on to that queue (under a derived id, so a redone task is recognisable).
         """

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from meshmq.patterns._pool import Pool, describe_error
 
 from meshmq._codec import CONTAINERS, check_keys, decode, encode, new_packer
-from meshmq._dispatch import HandlerSpec
+from meshmq._dispatch import HandlerSpec, is_async
 from meshmq._errors import Backpressure, ConfigError, DecodeError, EncodeError, MeshTimeout
 from meshmq._message import Message
 from meshmq._peers import PeerInfo
@@ -42,7 +42,14 @@ if TYPE_CHECKING:
 __all__ = ["Pipelines"]
 
 log = logging.getLogger("meshmq")
-DEFAULT_PREFETCH = 4  # tasks a worker holds beyond those running, unless told
+DEFAULT_PREFETCH = 4  # tasks a worker holds beyond those running, until it has measured them
+# Adaptive prefetch (a worker given no explicit prefetch): it holds about PREFETCH_BUDGET
+# seconds of work beyond what runs, judged from its handlers' measured time, between 0 and
+# MAX_AUTO_PREFETCH tasks; re-judged every RETUNE_SECONDS. Slow tasks get no prefetch (fair
+# dispatch), short ones a deep window (the pusher and worker otherwise take turns per window).
+PREFETCH_BUDGET = 0.02
+MAX_AUTO_PREFETCH = 128
+RETUNE_SECONDS = 0.25
 KEY_SCAN = 10_000   # how deep dispatch looks past tasks whose key's worker is busy
 BATCH_BYTES = 256 * 1024   # a tasks/acks message carries at most about this much
 BATCH_ACKS = 4096          # ... and at most this many ids
@@ -81,6 +88,17 @@ class _Queue:
     per_worker: dict[str, int] = field(default_factory=dict)
 
 
+class _HandlerTime:
+    """Seconds spent in a worker's handler and how many calls: the adaptive prefetch's input.
+    Pool threads add without a lock; a lost update only blurs an estimate."""
+
+    __slots__ = ("busy", "calls")
+
+    def __init__(self) -> None:
+        self.busy = 0.0
+        self.calls = 0
+
+
 @dataclass
 class _LocalWorker:
     pool: Pool
@@ -88,6 +106,33 @@ class _LocalWorker:
     credit: int       # concurrency + prefetch: tasks a pusher may have in flight here
     max_attempts: int
     emit: str | None
+    timing: _HandlerTime | None = None   # set when the prefetch adapts (none was given)
+    next_retune: float = 0.0
+
+
+def _timed(fn: Callable[..., Any], timing: _HandlerTime) -> Callable[..., Any]:
+    """``fn`` measuring its own duration into ``timing`` (sync or async alike)."""
+    clock = time.perf_counter
+    if is_async(fn):
+        async def timed_async(msg: Message) -> Any:
+            t0 = clock()
+            try:
+                return await fn(msg)
+            finally:
+                timing.busy += clock() - t0
+                timing.calls += 1
+        timed_async.__qualname__ = getattr(fn, "__qualname__", "handler")
+        return timed_async
+
+    def timed(msg: Message) -> Any:
+        t0 = clock()
+        try:
+            return fn(msg)
+        finally:
+            timing.busy += clock() - t0
+            timing.calls += 1
+    timed.__qualname__ = getattr(fn, "__qualname__", "handler")
+    return timed
 
 
 class Pipelines:
@@ -129,11 +174,14 @@ class Pipelines:
         if spec.kind != "worker":
             return False
         opts = spec.options
-        pool = Pool(fn, f"worker-{spec.name}", opts["concurrency"], node._handler_loop)
+        timing = _HandlerTime() if opts.get("auto_prefetch") else None
+        pool = Pool(fn if timing is None else _timed(fn, timing), f"worker-{spec.name}",
+                    opts["concurrency"], node._handler_loop)
         self.workers[spec.name] = _LocalWorker(pool, opts["concurrency"],
                                                opts["concurrency"] + opts["prefetch"],
                                                opts["max_attempts"],
-                                               opts.get("emit"))
+                                               opts.get("emit"), timing,
+                                               time.monotonic() + RETUNE_SECONDS)
         if node.engine is not None:
             node.engine.call(lambda: self._workers_changed(spec.name))
         return True
@@ -150,11 +198,38 @@ class Pipelines:
         for w in self.workers.values():
             w.pool.close(0.5)
 
-    def stats(self) -> dict[str, int]:
-        out = dict(self.counters)
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counters)
         out["tasks_backlog"] = sum(len(q.backlog) for q in self.queues.values())
         out["tasks_inflight"] = sum(len(q.inflight) for q in self.queues.values())
+        out["worker_credit"] = {q: w.credit for q, w in self.workers.items()}
         return out
+
+    def _retune(self, now: float) -> None:
+        """Adaptive prefetch (I/O thread): set each measuring worker's credit to its
+        concurrency plus about PREFETCH_BUDGET seconds of its handler's work, and tell peers
+        when that moved by a quarter or more."""
+        changed = False
+        for w in self.workers.values():
+            timing = w.timing
+            if timing is None or now < w.next_retune or not timing.calls:
+                continue
+            w.next_retune = now + RETUNE_SECONDS
+            busy, calls = timing.busy, timing.calls
+            timing.busy, timing.calls = 0.0, 0
+            per_task = max(busy / calls, 1e-6)
+            extra = min(MAX_AUTO_PREFETCH, int(PREFETCH_BUDGET * w.concurrency / per_task))
+            credit = w.concurrency + extra
+            if credit != w.credit and abs(credit - w.credit) * 4 >= w.credit:
+                w.credit = credit
+                changed = True
+        if changed:
+            self._caps.clear()
+            engine = self.node.engine
+            if engine is not None:
+                engine.offer_changed()   # pushers use the new credit from the update on
+            for queue in self.workers:
+                self._dispatch(queue)    # a local pusher may send more at once
 
     def on_control(self, kind: str, fields: dict[str, Any], peer_id: str) -> bool:
         if kind == "acks":
@@ -576,6 +651,11 @@ class Pipelines:
     def _send_acks(self) -> None:
         """Send the acks of every task finished since the last time, batched per pusher."""
         self._outbox_armed = False   # before popping: an ack appended after this wakes us again
+        now = time.monotonic()
+        for w in self.workers.values():
+            if w.timing is not None and now >= w.next_retune:
+                self._retune(now)
+                break
         node = self.node
         engine = node.engine
         assert engine is not None
@@ -647,12 +727,14 @@ def worker_spec(queue: str, emit: str | None, concurrency: int, max_attempts: in
         raise ConfigError(f"concurrency must be 1..10000, not {concurrency}")
     if not 1 <= max_attempts <= 1000:
         raise ConfigError(f"max_attempts must be 1..1000, not {max_attempts}")
+    auto = prefetch is None
     if prefetch is None:
         prefetch = DEFAULT_PREFETCH
     if not 0 <= prefetch <= 10_000:
         raise ConfigError(f"prefetch must be 0..10000, not {prefetch}")
     return HandlerSpec("worker", queue, {"emit": emit, "concurrency": concurrency,
-                                         "max_attempts": max_attempts, "prefetch": prefetch})
+                                         "max_attempts": max_attempts, "prefetch": prefetch,
+                                         "auto_prefetch": auto})
 
 
 def _task_fields(task: _Task) -> dict[str, Any]:

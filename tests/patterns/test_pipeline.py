@@ -199,6 +199,38 @@ def test_credit_is_concurrency_plus_prefetch(make_node: Callable[..., Node]) -> 
     assert peer.queues["a"][0] == 6 and peer.queues["b"][0] == 3
 
 
+@pytest.mark.timeout(60)
+def test_prefetch_adapts_to_the_handlers_time_unless_given(
+        make_node: Callable[..., Node]) -> None:
+    vent = make_node("vent")
+    worker = make_node("w", peers=[vent.address])
+    def slow(msg: Message) -> None:
+        time.sleep(0.03)   # the handler's own work: what the worker measures
+
+    worker.worker("quick")(lambda msg: None)                 # adapts: deep window
+    worker.worker("slow")(slow)                              # adapts: no prefetch
+    worker.worker("fixed", prefetch=2)(lambda msg: None)     # given: kept
+    vent.wait_for_workers("fixed")
+    (peer,) = vent.peers()
+    assert [peer.queues[q][0] for q in ("quick", "slow", "fixed")] == [5, 5, 3]  # 4 at first
+
+    def credits() -> list[int]:
+        (p,) = vent.peers()
+        return [p.queues[q][0] for q in ("quick", "slow", "fixed")]
+
+    for i in range(3000):   # bounded; the adaptation shows within a few retunes (0.25 s each)
+        vent.push("quick", i)
+        if i < 40:
+            vent.push("slow", i)
+        vent.push("fixed", i)
+        if i % 500 == 499 and credits()[0] > 100 and credits()[1] == 1:
+            break
+    vent.wait_until(lambda: (c := credits())[0] > 100 and c[1] == 1, 20, "adapted credits")
+    assert credits()[2] == 3
+    assert worker.stats()["worker_credit"]["fixed"] == 3
+    vent.wait_for_tasks(timeout=20)
+
+
 def test_each_task_is_acked_only_after_its_handler_returned(
         make_node: Callable[..., Node]) -> None:
     # Acks travel batched (PROTOCOL 12.8); a task whose handler is still running must stay
