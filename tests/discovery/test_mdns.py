@@ -241,8 +241,6 @@ def test_lifecycle_errors(group: str, tools: Any) -> None:
     "kwargs",
     [
         {"interfaces": ["203.0.113.77"]},  # not an address of this host
-        {"bind_addresses": ["0.0.0.0"]},
-        {"bind_addresses": ["224.0.0.251"]},
         {"bind_addresses": ["not-an-ip"]},
         {"bind_addresses": []},
     ],
@@ -250,12 +248,23 @@ def test_lifecycle_errors(group: str, tools: Any) -> None:
 def test_bad_start_arguments(
     group: str, kwargs: dict[str, Any], tools: Any, no_network: None
 ) -> None:
-    # rejected before zeroconf opens anything: no_network fails any socket, so 0.0.0.0 and
-    # the multicast group given as bind addresses can never be listened or sent on
+    # rejected before zeroconf opens anything (no_network fails any socket)
     d = MdnsDiscovery(kwargs.pop("interfaces", LOOPBACK), group)
     with pytest.raises(ConfigError):
         d.start(Advert(1, "a", tools.new_id(), group, 1000), **kwargs)
     d.stop()
+
+
+@pytest.mark.parametrize("bad", [["0.0.0.0"], ["224.0.0.251"], ["not-an-ip"], []])
+def test_published_addresses_must_be_dialable(bad: list[str], no_network: None) -> None:
+    # The check start() runs on bind_addresses, called alone: a pure function, so the wildcard
+    # and the multicast group are only parsed and refused, never handed to zeroconf.
+    from ipaddress import IPv4Interface
+
+    from meshmq.discovery._mdns import _check_bind
+
+    with pytest.raises(ConfigError):
+        _check_bind(bad, [IPv4Interface("127.0.0.1/8")])
 
 
 @pytest.mark.parametrize(
