@@ -48,6 +48,7 @@ CLOCK_SKEW = 5.0
 REPAIR_TIMEOUT = 5.0
 _APPEND_SUFFIX = ".append"
 _GONE = (PeerGone, NoPeerError, MeshTimeout)   # a journal died or does not answer: fail over
+_LIVE = (None, "replay_live")   # delivery kinds whose seq gaps gap repair fills
 
 
 def since_value(since: Any) -> Any:
@@ -484,18 +485,18 @@ class _DurableSubscriber:
         if seq <= last:
             self._counters["replay_skipped"] += 1
             return
-        if self.repair and last and seq > last + 1 and kind != "replayed":
+        if self.repair and last and seq > last + 1 and kind in _LIVE:
             self._repair(key, last + 1, seq - 1)
         self._seen[key] = seq
         if kind is not None:
             self._counters[kind] += 1
         self.fn(msg)
 
-    def _call_fn(self, msg: Message) -> None:
-        """Deliver one message from replay or repair: a handler error is logged and counted,
-        and the rest go on (as for live messages)."""
+    def _deliver_safely(self, msg: Message, kind: str) -> None:
+        """_deliver for replay, hand-off and repair: a handler error is logged and counted,
+        and the rest go on (live messages get that from their runner)."""
         try:
-            self.fn(msg)
+            self._deliver(msg, kind)
         except Exception:  # noqa: BLE001 - the handler's bug must not stop replay or repair
             self.client.handler_errors += 1
             logger.exception("handler %s raised on message %s", self.__qualname__, msg.id)
@@ -532,9 +533,7 @@ class _DurableSubscriber:
                     continue
                 self._lost(topic, msg.seq - want)    # the journal missed those too
                 want = msg.seq + 1
-                self._seen[key] = msg.seq
-                self._counters["repaired"] += 1
-                self._call_fn(msg)
+                self._deliver_safely(msg, "repaired")
             if want > last:
                 return
             if len(records) >= 1000:
@@ -579,13 +578,7 @@ class _DurableSubscriber:
         for _, msg in records:
             if self._stop.is_set():
                 return True
-            key = (msg.source_id, msg.topic)
-            if msg.seq <= self._seen.get(key, 0):
-                self._counters["replay_skipped"] += 1
-                continue
-            self._seen[key] = msg.seq
-            self._counters["replayed"] += 1
-            self._call_fn(msg)
+            self._deliver_safely(msg, "replayed")
         return at_end
 
     def _replay(self) -> None:
@@ -621,12 +614,6 @@ class _DurableSubscriber:
     def _go_live(self) -> None:
         with self._lock:
             while self._buffer:
-                msg = self._buffer.popleft()
-                try:
-                    self._deliver(msg, "replay_live")
-                except Exception:  # noqa: BLE001 - as for any live message
-                    self.client.handler_errors += 1
-                    logger.exception("handler %s raised on message %s", self.__qualname__,
-                                     msg.id)
+                self._deliver_safely(self._buffer.popleft(), "replay_live")
             self._need.clear()
             self._live = True

@@ -434,28 +434,27 @@ class Engine:
     # ---- subscriptions --------------------------------------------------------------------
     def _apply_subscriptions(self) -> None:
         """Make the SUB filters match the node's patterns; bump the marker; tell peers."""
-        wanted: dict[bytes, int] = {}
         patterns = sorted(set(self.node._patterns()))
-        for pattern in patterns:
-            wanted[self.node._prefix(pattern)] = 1
-        changed = False
+        if self._marker is not None and patterns == self._sub_patterns:
+            self._broadcast(CtlKind.UPDATE)
+            return
+        wanted = {self.node._prefix(pattern): 1 for pattern in patterns}
         socks = list(self._subs.values())
         for prefix in wanted.keys() - self._prefixes.keys():
             for sock in socks:
                 sock.setsockopt(zmq.SUBSCRIBE, prefix)
-            changed = True
         for prefix in self._prefixes.keys() - wanted.keys():
             for sock in socks:
                 sock.setsockopt(zmq.UNSUBSCRIBE, prefix)
-            changed = True
         self._prefixes = wanted
-        if changed or self._marker is None or patterns != self._sub_patterns:
-            self.sub_version += 1
-            old, self._marker = self._marker, marker_topic(self.node.id, self.sub_version)
-            for sock in socks:
-                sock.setsockopt(zmq.SUBSCRIBE, self._marker)
-                if old is not None:
-                    sock.setsockopt(zmq.UNSUBSCRIBE, old)
+        # New patterns (the prefixes follow from them), so a new version: its marker goes
+        # after the filters above.
+        self.sub_version += 1
+        old, self._marker = self._marker, marker_topic(self.node.id, self.sub_version)
+        for sock in socks:
+            sock.setsockopt(zmq.SUBSCRIBE, self._marker)
+            if old is not None:
+                sock.setsockopt(zmq.UNSUBSCRIBE, old)
         self._sub_patterns = patterns
         self._broadcast(CtlKind.UPDATE)
 

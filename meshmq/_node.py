@@ -141,6 +141,7 @@ class Node:
         self._ids = message_ids(f"{self.id}-")   # "<node id>-<hex counter>" (PROTOCOL.md)
         self._sent = 0
         self._discovery: Any = None
+        self._journal: Any = None    # meshmq.durability's JournalClient, made when first needed
         from meshmq.patterns import Pipelines, Rpc  # the patterns plug into the core
 
         self._pipelines = Pipelines(self, max_backlog)
@@ -522,11 +523,11 @@ class Node:
         return self._journal_client().replay(pattern, since, until, **options)
 
     def _journal_client(self) -> Any:
-        client = getattr(self, "_journal", None)
+        client = self._journal
         if client is None:
             from meshmq.durability._client import JournalClient
             with self.state_lock:
-                client = getattr(self, "_journal", None)
+                client = self._journal
                 if client is None:
                     client = self._journal = JournalClient(self)
                     self._plugins.append(client)
@@ -634,8 +635,8 @@ class Node:
             "oversized": e.oversized if e else 0,
             "gaps": e.gaps if e else 0,
             "gaps_by_sender": dict(e.gaps_by_sender) if e else {},
-            "handler_errors": sum(r.errors for r in runners) + getattr(
-                getattr(self, "_journal", None), "handler_errors", 0),
+            "handler_errors": sum(r.errors for r in runners) + (
+                self._journal.handler_errors if self._journal is not None else 0),
             "peers": len(e.peers) if e else 0,
             "peer_joins": e.peer_joins if e else 0,
             "peer_leaves": e.peer_leaves if e else 0,

@@ -13,8 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from meshmq._codec import new_packer
-from meshmq._errors import EncodeError
+from meshmq._codec import pack
 
 __all__ = ["Call", "Expired", "LoopWaker", "SLOT", "pack"]
 
@@ -23,23 +22,7 @@ class Expired(Exception):
     """An async call's own timeout (internal)."""
 
 
-_tls = threading.local()
 SLOT = 0.01   # async call timeouts are rounded up to this many seconds
-
-
-def pack(obj: Any) -> bytes:
-    """codec.encode() with a packer kept per thread: msgpack.packb builds one per call (~2 us)."""
-    try:
-        packer = _tls.pack
-    except AttributeError:
-        packer = _tls.pack = new_packer().pack
-    try:
-        data: bytes = packer(obj)
-    except EncodeError:
-        raise
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise EncodeError(f"cannot encode {type(obj).__qualname__}: {exc}") from exc
-    return data
 
 
 class Call:

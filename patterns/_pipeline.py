@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from meshmq.patterns._pool import Pool, describe_error
 
-from meshmq._codec import CONTAINERS, check_keys, decode, encode, new_packer
-from meshmq._dispatch import HandlerSpec, is_async
+from meshmq._codec import decode, encode
+from meshmq._dispatch import HandlerSpec
 from meshmq._errors import Backpressure, ConfigError, DecodeError, EncodeError, MeshTimeout
-from meshmq._message import Message
+from meshmq._message import wire_message
 from meshmq._peers import PeerInfo
 from meshmq._topics import MAX_TOPIC_BYTES, check_topic
 
@@ -88,17 +88,6 @@ class _Queue:
     per_worker: dict[str, int] = field(default_factory=dict)
 
 
-class _HandlerTime:
-    """Seconds spent in a worker's handler and how many calls: the adaptive prefetch's input.
-    Pool threads add without a lock; a lost update only blurs an estimate."""
-
-    __slots__ = ("busy", "calls")
-
-    def __init__(self) -> None:
-        self.busy = 0.0
-        self.calls = 0
-
-
 @dataclass
 class _LocalWorker:
     pool: Pool
@@ -106,33 +95,9 @@ class _LocalWorker:
     credit: int       # concurrency + prefetch: tasks a pusher may have in flight here
     max_attempts: int
     emit: str | None
-    timing: _HandlerTime | None = None   # set when the prefetch adapts (none was given)
+    adaptive: bool = False   # no prefetch was given: it follows the handler's measured time
     next_retune: float = 0.0
-
-
-def _timed(fn: Callable[..., Any], timing: _HandlerTime) -> Callable[..., Any]:
-    """``fn`` measuring its own duration into ``timing`` (sync or async alike)."""
-    clock = time.perf_counter
-    if is_async(fn):
-        async def timed_async(msg: Message) -> Any:
-            t0 = clock()
-            try:
-                return await fn(msg)
-            finally:
-                timing.busy += clock() - t0
-                timing.calls += 1
-        timed_async.__qualname__ = getattr(fn, "__qualname__", "handler")
-        return timed_async
-
-    def timed(msg: Message) -> Any:
-        t0 = clock()
-        try:
-            return fn(msg)
-        finally:
-            timing.busy += clock() - t0
-            timing.calls += 1
-    timed.__qualname__ = getattr(fn, "__qualname__", "handler")
-    return timed
+    measured: tuple[float, int] = (0.0, 0)   # the pool's (busy, done) at the last retune
 
 
 class Pipelines:
@@ -174,13 +139,11 @@ class Pipelines:
         if spec.kind != "worker":
             return False
         opts = spec.options
-        timing = _HandlerTime() if opts.get("auto_prefetch") else None
-        pool = Pool(fn if timing is None else _timed(fn, timing), f"worker-{spec.name}",
-                    opts["concurrency"], node._handler_loop)
+        pool = Pool(fn, f"worker-{spec.name}", opts["concurrency"], node._handler_loop)
         self.workers[spec.name] = _LocalWorker(pool, opts["concurrency"],
                                                opts["concurrency"] + opts["prefetch"],
-                                               opts["max_attempts"],
-                                               opts.get("emit"), timing,
+                                               opts["max_attempts"], opts.get("emit"),
+                                               bool(opts.get("auto_prefetch")),
                                                time.monotonic() + RETUNE_SECONDS)
         if node.engine is not None:
             node.engine.call(lambda: self._workers_changed(spec.name))
@@ -211,13 +174,15 @@ class Pipelines:
         when that moved by a quarter or more."""
         changed = False
         for w in self.workers.values():
-            timing = w.timing
-            if timing is None or now < w.next_retune or not timing.calls:
+            if not w.adaptive or now < w.next_retune:
+                continue
+            busy, done = w.pool.busy, w.pool.done
+            calls = done - w.measured[1]
+            if not calls:
                 continue
             w.next_retune = now + RETUNE_SECONDS
-            busy, calls = timing.busy, timing.calls
-            timing.busy, timing.calls = 0.0, 0
-            per_task = max(busy / calls, 1e-6)
+            per_task = max((busy - w.measured[0]) / calls, 1e-6)
+            w.measured = (busy, done)
             extra = min(MAX_AUTO_PREFETCH, int(PREFETCH_BUDGET * w.concurrency / per_task))
             credit = w.concurrency + extra
             if credit != w.credit and abs(credit - w.credit) * 4 >= w.credit:
@@ -290,7 +255,7 @@ class Pipelines:
             size += len(encode([key, headers]))  # an unencodable key or header raises here
         node = self.node
         node._require_running()
-        payload = _encode_body(body)  # an unencodable body fails here, at the caller
+        payload = encode(body)  # an unencodable body fails here, at the caller
         if len(payload) > node.max_message_bytes:
             raise EncodeError(f"task body of {len(payload)} bytes is over max_message_bytes="
                               f"{node.max_message_bytes}")
@@ -615,7 +580,7 @@ class Pipelines:
         except DecodeError as exc:
             self._complete(source_id, queue, tid, False, describe_error(exc))
             return
-        msg = _task_message(queue, body, headers, tid, source, source_id, now, att, key)
+        msg = wire_message(queue, body, headers, tid, source, source_id, 0, now, 0, att, key)
         emit = lw.emit
 
         def done(ok: bool, value: Any) -> None:
@@ -653,7 +618,7 @@ class Pipelines:
         self._outbox_armed = False   # before popping: an ack appended after this wakes us again
         now = time.monotonic()
         for w in self.workers.values():
-            if w.timing is not None and now >= w.next_retune:
+            if w.adaptive and now >= w.next_retune:
                 self._retune(now)
                 break
         node = self.node
@@ -741,51 +706,3 @@ def _task_fields(task: _Task) -> dict[str, Any]:
     """The fields of a single ``task`` message (12.2)."""
     return {"q": task.queue, "id": task.id, "att": task.deliveries, "key": task.key,
             "h": task.headers, "b": task.body}
-
-
-_new = object.__new__
-_MSG_SETTERS = tuple(Message.__dict__[f].__set__ for f in (
-    "topic", "body", "headers", "id", "source", "source_id", "seq", "timestamp", "gap",
-    "attempt", "key"))
-
-
-def _task_message(queue: str, body: Any, headers: dict[str, Any], tid: str, source: str,
-                  source_id: str, now: float, attempt: Any, key: Any) -> Message:
-    """``Message(queue, body, headers, tid, source, source_id, 0, now, 0, attempt, key)``,
-    built through the slot descriptors: the frozen dataclass's __init__ goes through
-    object.__setattr__ per field and costs about twice as much."""
-    m = _new(Message)
-    s_topic, s_body, s_headers, s_id, s_source, s_sid, s_seq, s_ts, s_gap, s_att, s_key = \
-        _MSG_SETTERS
-    s_topic(m, queue)
-    s_body(m, body)
-    s_headers(m, headers)
-    s_id(m, tid)
-    s_source(m, source)
-    s_sid(m, source_id)
-    s_seq(m, 0)
-    s_ts(m, now)
-    s_gap(m, 0)
-    s_att(m, attempt)
-    s_key(m, key)
-    return m
-
-
-_local = threading.local()
-
-
-def _encode_body(body: Any) -> bytes:
-    """:func:`encode` through a packer kept per thread: ``msgpack.packb`` builds a new Packer
-    on every call, which costs several times the packing of a small body."""
-    if type(body) in CONTAINERS:
-        check_keys(body)
-    try:
-        pack = _local.pack
-    except AttributeError:
-        pack = _local.pack = new_packer().pack
-    try:
-        return pack(body)   # the packer resets itself when packing fails
-    except EncodeError:
-        raise
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise EncodeError(f"cannot encode {type(body).__qualname__}: {exc}") from exc

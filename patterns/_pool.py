@@ -63,6 +63,9 @@ class Pool:
         self.errors = 0
         self.done = 0
         self.expired = 0      # jobs not run: their caller's deadline passed while they waited
+        # seconds spent in the handler, over all jobs (threads add without a lock: a lost
+        # update only blurs it; the adaptive prefetch of pipelines reads it)
+        self.busy = 0.0
         self._threads: list[threading.Thread] = []
         self._mutex = threading.Lock()
         self._idle: list[_Worker] = []                   # last idle first
@@ -112,6 +115,7 @@ class Pool:
 
     def _work(self, w: _Worker) -> None:
         fn, mutex, idle, backlog = self.fn, self._mutex, self._idle, self._backlog
+        clock = time.perf_counter
         while True:
             w.wake.acquire()
             job, w.job = w.job, None
@@ -120,12 +124,15 @@ class Pool:
                 if expires is not None and time.monotonic() > expires:
                     self._expire(done)
                 else:
+                    t0 = clock()
                     try:
                         result = fn(*args, **kwargs)
                     except Exception as exc:  # noqa: BLE001 - a handler's failure is data
+                        self.busy += clock() - t0
                         self.errors += 1
                         self._finish(done, False, exc)
                     else:
+                        self.busy += clock() - t0
                         self._finish(done, True, result)
                 with mutex:
                     if not backlog:
@@ -149,12 +156,15 @@ class Pool:
             if expires is not None and time.monotonic() > expires:
                 self._expire(done)
                 return
+            t0 = time.perf_counter()   # with the waits between the handler's steps
             try:
                 result = await self.fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001
+                self.busy += time.perf_counter() - t0
                 self.errors += 1
                 self._finish(done, False, exc)
             else:
+                self.busy += time.perf_counter() - t0
                 self._finish(done, True, result)
 
     def close(self, timeout: float) -> None:

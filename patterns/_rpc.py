@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from meshmq.patterns._calls import Call, Expired, LoopWaker, pack
 from meshmq.patterns._pool import Abandoned, Pool, describe_error
 
-from meshmq._codec import CONTAINERS, check_keys, decode
+from meshmq._codec import decode, encode
 from meshmq._dispatch import HandlerSpec
 from meshmq._envelope import PROTO
 from meshmq._errors import (
@@ -150,8 +150,7 @@ class Rpc:
         node = self.node
         if node._state != "running":
             node._require_running()
-        check_keys((args, kwargs))     # what the server's decoder would refuse fails here
-        payload = pack([list(args), kwargs])
+        payload = encode([list(args), kwargs])   # what a server would refuse fails here
         if len(payload) > node.max_message_bytes:
             raise EncodeError(f"call arguments of {len(payload)} bytes are over "
                               f"max_message_bytes={node.max_message_bytes}")
@@ -348,9 +347,7 @@ class Rpc:
         def done(ok: bool, value: Any) -> None:
             if ok:
                 try:
-                    if type(value) in CONTAINERS:
-                        check_keys(value)
-                    result = pack(value)
+                    result = encode(value)
                     if len(result) > self.node.max_message_bytes:
                         raise EncodeError(f"result of {len(result)} bytes is over "
                                           f"max_message_bytes={self.node.max_message_bytes}")

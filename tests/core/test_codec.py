@@ -103,3 +103,11 @@ msgpack_values = st.recursive(
 @given(msgpack_values)
 def test_round_trip_property(value: object) -> None:
     assert decode(encode(value)) == value
+
+
+def test_ext_types_that_encode_inside_encode_nest() -> None:
+    # A set's payload is itself encoded while the enclosing value is being packed: that inner
+    # encode must not reuse the thread's packer, which is mid-way through the outer value.
+    value = [{frozenset({1, 2}), frozenset({3})}, {"a": {4}}, "tail"]
+    assert decode(encode(value)) == value
+    assert decode(encode(value)) == value   # and the thread's packer still works after
