@@ -67,7 +67,8 @@ late_acks       acks for tasks already given to another worker (counted, ignored
 backpressure_rejects  push(block=False) calls refused with Backpressure
 calls_*         RPC: made, served, raised (our handler raised), expired (not run: the caller's
                 ttl passed while the call waited for a worker), retried (server died,
-                retry=True), failed_remote (a RemoteError came back), pending
+                retry=True), failed_remote (a RemoteError came back), pending, lane (sent
+                on the lane), served_lane (read off this node's lane)
 confirmed, confirm_resends, replay*, repaired, gaps_unrepaired
                 with a journal (once the node used one): see docs/JOURNAL.md
 """
@@ -99,7 +100,8 @@ class Node:
                  port: int = 0, *, discovery: str | None = None, group: str | None = None,
                  interfaces: list[str] | None = None, timing: Timing | None = None,
                  hwm: int = 100_000, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 max_pending: int = 100_000, max_backlog: int = 10_000) -> None:
+                 max_pending: int = 100_000, max_backlog: int = 10_000,
+                 rpc_lane: bool = True) -> None:
         if not isinstance(name, str) or not name or len(name) > 63:
             raise ConfigError(f"node name must be a str of 1..63 characters, not {name!r}")
         if discovery is None:
@@ -123,6 +125,8 @@ class Node:
         self.max_pending = max_pending
         self.initial_peers = [_check_endpoint(p) for p in (peers or [])]
         self.extra_endpoints: dict[str, str] = {}
+        # sync RPC over a socket pair of its own, no thread hand-off (docs/PROTOCOL.md 13.5)
+        self.rpc_lane = rpc_lane
         self.state_lock = threading.RLock()
         self._changed = threading.Condition(self.state_lock)
         self.pub_lock = threading.Lock()

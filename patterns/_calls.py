@@ -28,8 +28,8 @@ SLOT = 0.01   # async call timeouts are rounded up to this many seconds
 class Call:
     """One call in flight. Its tables (pending, parked) and fields are guarded by Rpc.lock."""
 
-    __slots__ = ("abandoned", "deadline", "done", "id", "notify", "ok", "payload", "retry",
-                 "server", "service", "tried", "value", "waiter")
+    __slots__ = ("abandoned", "deadline", "done", "entry", "id", "lane", "notify", "ok",
+                 "payload", "retry", "server", "service", "tried", "value", "waiter")
 
     def __init__(self, cid: str, service: str, payload: bytes, deadline: float, retry: bool,
                  notify: Callable[[Call], None] | None) -> None:
@@ -44,6 +44,9 @@ class Call:
         self.ok = False
         self.value: Any = None     # the result, or the exception to raise
         self.abandoned = False     # the caller gave up: never start it again
+        # sent on the caller's lane (_lane.py): its LaneCaller, and the (DEALER, poll) entry
+        self.lane: Any = None
+        self.entry: Any = None
         # A sync caller blocks on a held lock that the settling thread releases (the cheapest
         # wake-up CPython has); an async caller is told through notify (from any thread).
         self.notify = notify

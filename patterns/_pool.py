@@ -101,6 +101,39 @@ class Pool:
         w.job = job
         w.wake.release()
 
+    def claim(self) -> _Worker | None:
+        """Reserve an idle worker so the calling thread can run one job itself (run_claimed).
+
+        The RPC lane's reader runs a call on the thread that read it, one hand-off fewer; the
+        reserved worker stays parked, so ``concurrency`` still bounds the handlers running.
+        None when every worker is busy (then ``submit``) or the handler is ``async def``.
+        """
+        if self.is_async:
+            return None
+        with self._mutex:
+            return self._idle.pop() if self._idle else None
+
+    def run_claimed(self, w: _Worker, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    done: Callable[[bool, Any], None]) -> None:
+        """Run one job on this thread in ``w``'s place, then give ``w`` back (or its backlog)."""
+        clock = time.perf_counter
+        t0 = clock()
+        try:
+            result = self.fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a handler's failure is data
+            self.busy += clock() - t0
+            self.errors += 1
+            self._finish(done, False, exc)
+        else:
+            self.busy += clock() - t0
+            self._finish(done, True, result)
+        with self._mutex:
+            if not self._backlog:
+                self._idle.append(w)
+                return
+            w.job = self._backlog.popleft()
+        w.wake.release()   # jobs queued meanwhile: the parked worker takes them on
+
     def _expire(self, done: Callable[[bool, Any], None]) -> None:
         self.expired += 1
         self._finish(done, False, Abandoned(

@@ -4,7 +4,8 @@ Arguments and results are msgpack (never pickle). A handler's exception comes ba
 :class:`RemoteError` (type name, message, traceback text). A server that dies mid-call fails the
 call with :class:`PeerGone`, or, with ``retry=True`` (only for idempotent calls), sends it to
 another server. Calls and replies are sent by the thread that makes them; replies are read by
-the node's I/O thread, which wakes the caller.
+the node's I/O thread, which wakes the caller; except on the lane (``_lane.py``), where a sync
+caller reads its own reply and the server's reading thread runs the handler.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from meshmq.patterns._calls import Call, Expired, LoopWaker, pack
+from meshmq.patterns._lane import HAVE_LANE, LaneCaller, LaneCallers, LaneServer
 from meshmq.patterns._pool import Abandoned, Pool, describe_error
 
 from meshmq._codec import decode, encode
 from meshmq._dispatch import HandlerSpec
-from meshmq._envelope import PROTO
+from meshmq._envelope import PROTO, decode_ctl
 from meshmq._errors import (
     DecodeError,
     EncodeError,
@@ -30,6 +32,7 @@ from meshmq._errors import (
     MeshTimeout,
     NoPeerError,
     PeerGone,
+    ProtocolVersionError,
     RemoteError,
 )
 from meshmq._peers import PeerInfo
@@ -62,7 +65,12 @@ class Rpc:
         self._ids = itertools.count(1)
         self._rr = itertools.count()
         self.counters = {"calls_made": 0, "calls_served": 0, "calls_retried": 0,
-                         "calls_failed_remote": 0, "calls_raised": 0, "calls_expired": 0}
+                         "calls_failed_remote": 0, "calls_raised": 0, "calls_expired": 0,
+                         "calls_lane": 0}
+        # the lane (see _lane.py): served here once a service is bound; callers' DEALERs
+        self.use_lane = HAVE_LANE and getattr(node, "rpc_lane", True)
+        self.lane: LaneServer | None = None
+        self.lanes = LaneCallers(node)
 
     # ---- plugin hooks -----------------------------------------------------------------------
     def bind(self, node: Node, spec: HandlerSpec, fn: Callable[..., Any]) -> bool:
@@ -71,13 +79,23 @@ class Rpc:
         self.services[spec.name] = Pool(fn, f"rpc-{spec.name}", spec.options["concurrency"],
                                         node._handler_loop)
         self._servers_cache = {}
+        if self.lane is None and self.use_lane:
+            # before the offer that names the service goes out (Node.add_handler, start)
+            self.lane = LaneServer(node, self._serve_lane, self._lane_threads)
+            node.extra_endpoints["rpc"] = self.lane.advertised
         return True
+
+    def _lane_threads(self) -> int:
+        # one reader per handler that can run at once, and one to read while they all do
+        return 1 + sum(p.concurrency for p in list(self.services.values()) if not p.is_async)
 
     def start(self, node: Node) -> None:
         assert node.engine is not None
         node.engine.ctl_handlers.update({"call": self._serve, "reply": self._on_reply})
 
     def stop(self, node: Node) -> None:
+        if self.lane is not None:
+            self.lane.close(0.5)   # first: no more calls start; handlers running finish
         for pool in self.services.values():
             pool.close(0.5)
         with self.lock:
@@ -86,9 +104,12 @@ class Rpc:
             self.parked = []
         for call in calls:
             self._finish(call, False, PeerGone("the calling node stopped"))
+        self.lanes.close()
 
     def stats(self) -> dict[str, int]:
-        return {**self.counters, "calls_pending": len(self.pending) + len(self.parked)}
+        lane = self.lane
+        return {**self.counters, "calls_pending": len(self.pending) + len(self.parked),
+                "calls_served_lane": lane.served if lane is not None else 0}
 
     def on_control(self, kind: str, fields: dict[str, Any], peer_id: str) -> bool:
         if kind == "call":
@@ -141,7 +162,7 @@ class Rpc:
     # ---- the caller's side ------------------------------------------------------------------------
     def begin(self, service: str, args: tuple[Any, ...], kwargs: dict[str, Any],
               timeout: float, retry: bool, notify: Callable[[Call], None] | None = None,
-              batch: LoopWaker | None = None) -> Call:
+              batch: LoopWaker | None = None, caller: LaneCaller | None = None) -> Call:
         """Start a call from any thread; it settles with ``notify(call)`` or its waiter."""
         if service not in self._checked:
             check_topic(service)
@@ -156,16 +177,35 @@ class Rpc:
                               f"max_message_bytes={node.max_message_bytes}")
         call = Call(f"{node.id}-c{next(self._ids):x}", service, payload,
                      time.monotonic() + timeout, retry, notify)
-        self._start(call, batch, first=True)
+        self._start(call, batch, first=True, caller=caller)
         return call
 
     def call(self, service: str, args: tuple[Any, ...], kwargs: dict[str, Any],
              timeout: float, retry: bool) -> Any:
-        call = self.begin(service, args, kwargs, timeout, retry)
-        assert call.waiter is not None
-        if not call.waiter.acquire(timeout=max(0.0, timeout)) and not self._give_up(call):
+        deadline = time.monotonic() + timeout
+        caller = self.lanes.mine() if self.use_lane else None
+        call = self.begin(service, args, kwargs, timeout, retry, caller=caller)
+        waiter = call.waiter
+        assert waiter is not None
+        entry = call.entry
+        if entry is not None and caller is not None:
+            # sent on the lane: read the reply here (settled another way, we are woken)
+            server = call.server
+            assert server is not None
+            self.lanes.wait(caller, entry, lambda: call.done, deadline,
+                            lambda kind, fields: self._on_lane_reply(kind, fields, server))
+        if not waiter.acquire(timeout=max(0.0, deadline - time.monotonic())) \
+                and not self._give_up(call):
             raise self._timed_out(call, timeout)
         return call.result()
+
+    def _on_lane_reply(self, kind: str, fields: dict[str, Any], server: str) -> None:
+        if kind == "reply":
+            self._on_reply(fields, server)
+        else:
+            engine = self.node.engine
+            if engine is not None:
+                engine.malformed += 1
 
     async def acall(self, service: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                     timeout: float, retry: bool) -> Any:
@@ -213,6 +253,9 @@ class Rpc:
         """Settle a call its settler took out of the tables (so exactly once), any thread."""
         call.ok, call.value, call.done = ok, value, True
         if call.waiter is not None:
+            lane = call.lane
+            if lane is not None and lane.ident != threading.get_ident():
+                lane.wake()   # it polls its lane: settled elsewhere (retry, peer left, stop)
             call.waiter.release()
         elif call.notify is not None:
             call.notify(call)
@@ -232,10 +275,12 @@ class Rpc:
                 cache[service] = out
         return out
 
-    def _start(self, call: Call, batch: LoopWaker | None = None, first: bool = False) -> None:
+    def _start(self, call: Call, batch: LoopWaker | None = None, first: bool = False,
+               caller: LaneCaller | None = None) -> None:
         """Send a call to one of its servers (any thread), or park it until one joins.
 
-        ``batch``: the caller's loop, which sends at the end of its iteration.
+        ``batch``: the caller's loop, which sends at the end of its iteration. ``caller``: the
+        sync caller's lane, tried first (only on the caller's own thread).
         """
         with self.lock:
             if first:  # counted here, under the lock: callers run on many threads
@@ -261,6 +306,15 @@ class Rpc:
         payload = pack([PROTO, "call", {
             "svc": call.service, "id": call.id, "a": call.payload,
             "ttl": max(0.0, call.deadline - time.monotonic())}])
+        if caller is not None:
+            peer = engine.peers.get(server)
+            endpoint = peer.info.endpoints.get("rpc") if peer is not None else None
+            if endpoint is not None:
+                entry = self.lanes.send(caller, endpoint, payload)
+                if entry is not None:
+                    call.lane, call.entry = caller, entry
+                    self.counters["calls_lane"] += 1
+                    return
         if batch is not None:
             batch.send(engine, server, payload)
         else:
@@ -326,22 +380,66 @@ class Rpc:
 
         self._serve_local(svc, payload, reply, expires)
 
+    def _serve_lane(self, lane: LaneServer, ident: bytes, frame: bytes
+                    ) -> tuple[Any, ...] | None:
+        """A call read off the lane (its reading thread): a job for that thread to run, with
+        a worker claimed from the service's pool; or None when it was queued or answered."""
+        try:
+            kind, fields = decode_ctl(frame)
+        except (DecodeError, ProtocolVersionError):
+            kind, fields = "", {}
+        cid, svc, payload = fields.get("id"), fields.get("svc"), fields.get("a")
+        if kind != "call" or type(cid) is not str or type(svc) is not str \
+                or type(payload) is not bytes:
+            engine = self.node.engine
+            if engine is not None:
+                engine.malformed += 1
+            return None
+        ttl = fields.get("ttl")
+        expires = None
+        if (type(ttl) is float or type(ttl) is int) and ttl >= 0:
+            expires = time.monotonic() + ttl
+
+        def reply(ok: bool, value: Any) -> None:
+            lane.reply(ident, pack([PROTO, "reply", {"id": cid, "ok": ok,
+                                                     ("r" if ok else "e"): value}]))
+
+        job = self._prepare(svc, payload, reply)
+        if job is None:
+            return None
+        pool, args, kwargs, done = job
+        worker = pool.claim()
+        if worker is None:
+            pool.submit(args, kwargs, done, expires)
+            return None
+        return pool, worker, args, kwargs, done
+
     def _serve_local(self, svc: str, payload: bytes, reply: Callable[[bool, Any], None],
                      expires: float | None = None) -> None:
         """Run a call on this node; ``reply(ok, msgpack result | error dict)`` from any thread."""
+        job = self._prepare(svc, payload, reply)
+        if job is not None:
+            pool, args, kwargs, done = job
+            pool.submit(args, kwargs, done, expires)
+
+    def _prepare(self, svc: str, payload: bytes, reply: Callable[[bool, Any], None]
+                 ) -> tuple[Pool, tuple[Any, ...], dict[str, Any],
+                            Callable[[bool, Any], None]] | None:
+        """Check and decode a call: (pool, args, kwargs, done) to run, or None if it was
+        answered with an error already. ``done(ok, value)`` encodes and replies."""
         pool = self.services.get(svc)
         if pool is None:
             # a stale offer sent the call here: the caller may try another server
             reply(False, {"type": "NoPeerError", "message": f"{svc!r} is not served here",
                           "retry": True})
-            return
+            return None
         try:
             args, kwargs = decode(payload)
             if type(args) is not list or type(kwargs) is not dict:
                 raise DecodeError("call arguments are not [args, kwargs]")
         except (DecodeError, TypeError, ValueError) as exc:
             reply(False, describe_error(exc))
-            return
+            return None
         self.counters["calls_served"] += 1
 
         def done(ok: bool, value: Any) -> None:
@@ -361,7 +459,7 @@ class Rpc:
                 self.counters["calls_raised"] += 1  # the caller gets it as RemoteError
                 reply(False, describe_error(value))
 
-        pool.submit(tuple(args), kwargs, done, expires)
+        return pool, tuple(args), kwargs, done
 
 
 def rpc_spec(service: str, concurrency: int) -> HandlerSpec:

@@ -1,0 +1,330 @@
+"""The RPC lane: sync calls and their replies with no thread hand-off on either side.
+
+On the control sockets a call crosses two hand-offs per side: the server's I/O thread reads it
+and wakes a pool worker, the client's I/O thread reads the reply and wakes the caller. On this
+machine each costs about 60 us, as much as a whole raw REQ/REP round trip (benchmarks/README.md).
+The lane removes all four:
+
+- A node that serves RPC binds one more ROUTER, advertised in its offer as ``eps["rpc"]``.
+  Its reader threads take turns (leader/followers): one polls the socket; when a call comes in
+  for a sync handler with a free worker, it hands the polling over to the next thread and runs
+  the handler itself, then sends the reply. Other calls (async handlers, busy pools) go to the
+  service's Pool as on the control path.
+- A thread that makes a sync call sends it on a DEALER of its own connected to that ROUTER, and
+  reads the reply off it itself. Anything that settles the call another way (the server left,
+  a retry answered on the control path, the node stopping) writes the thread's eventfd, which
+  it polls beside the socket.
+
+The messages are the control plane's ``call`` and ``reply``, byte for byte (PROTOCOL.md 13.5).
+The lane is only a shortcut: a DEALER sends only on a completed connection (ZMQ_IMMEDIATE), so
+a call it cannot send at once, the first from a thread, and every call to a server without a
+lane, go on the control path; peer liveness, retries and timeouts stay the control plane's.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from meshmq import _zmqio as zio
+from meshmq._envelope import decode_ctl
+from meshmq._errors import DecodeError, ProtocolVersionError
+
+if TYPE_CHECKING:
+
+    from meshmq._node import Node
+
+__all__ = ["HAVE_LANE", "LaneCaller", "LaneCallers", "LaneServer", "wake"]
+
+HAVE_LANE = hasattr(os, "eventfd")   # Linux; elsewhere every call takes the control path
+#: lane DEALERs a node keeps open at most (threads x servers); past it, calls take the
+#: control path. Each costs a TCP connection and a few descriptors.
+MAX_LANE_SOCKETS = 128
+_EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
+_POLLIN = int(zmq.POLLIN)
+_NB = zio.NOBLOCK
+_MORE_NB = zio.SNDMORE | zio.NOBLOCK
+_POLL_MS = 1000      # a thread polling the lane looks at `closed` at least this often
+
+
+def wake(fd: int) -> None:
+    """Wake a thread polling its eventfd (any thread)."""
+    try:
+        os.eventfd_write(fd, 1)
+    except OSError:
+        pass  # the counter is full of wake-ups already
+
+
+def _drain_fd(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except OSError:
+        pass  # nothing to read (non-blocking)
+
+
+class LaneServer:
+    """The serving side: a ROUTER read by leader/follower threads that run calls themselves.
+
+    ``serve(ident, frame)`` (the Rpc's) either returns a job to run on the reading thread,
+    ``(pool, worker, args, kwargs, done)`` with ``worker`` claimed from ``pool``, or None when
+    it dealt with the call (submitted it, or answered an error). ``reply(ident, payload)`` may
+    be called from any thread.
+    """
+
+    def __init__(self, node: Node,
+                 serve: Callable[[LaneServer, bytes, bytes], tuple[Any, ...] | None],
+                 max_threads: Callable[[], int]) -> None:
+        self.sock = zio.new_socket(node.ctx, zmq.ROUTER, linger=0,
+                                   max_bytes=2 * node.max_message_bytes, hwm=node.hwm)
+        port = zio.split_endpoint(zio.bind(self.sock, node.host, 0))[1]
+        self.advertised = f"tcp://{node.host}:{port}"
+        self.fd: int = self.sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.slock = threading.Lock()   # every use of sock
+        self.lead = threading.Lock()    # held by the thread that reads (the leader)
+        self.mutex = threading.Lock()   # followers, threads
+        self.followers = 0
+        self.threads: list[threading.Thread] = []
+        self.closed = False
+        self.served = 0          # calls read from the lane
+        self.inline = 0          # ... of them run on the thread that read them
+        self._node = node
+        self._serve = serve
+        self._max_threads = max_threads
+        self._label = node.name
+        self._spawn()
+
+    # ---- threads ----------------------------------------------------------------------------
+    def _spawn(self) -> None:
+        t = threading.Thread(target=self._run, name=f"meshmq-lane-{self._label}-"
+                             f"{len(self.threads)}", daemon=True)
+        self.threads.append(t)
+        t.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        poller.register(self.wake_fd, select.POLLIN)
+        while True:
+            with self.mutex:
+                self.followers += 1
+            self.lead.acquire()
+            with self.mutex:
+                self.followers -= 1
+            job = self._read(poller) if not self.closed else None
+            if job is None:
+                self.lead.release()   # closed: the next thread sees it too, and ends
+                return
+            with self.mutex:
+                # someone must read while this thread runs the handler; bounded by the
+                # services' total concurrency + 1, so one is always free to read
+                if self.followers == 0 and len(self.threads) < self._max_threads():
+                    self._spawn()
+            self.lead.release()
+            self.inline += 1
+            pool, worker, args, kwargs, done = job
+            pool.run_claimed(worker, args, kwargs, done)
+
+    def _read(self, poller: Any) -> tuple[Any, ...] | None:
+        """Lead: read calls until one is to run on this thread (None once closed)."""
+        sock, slock = self.sock, self.slock
+        recv = sock.recv
+        while True:
+            with slock:
+                if self.closed:
+                    return None
+                # ZMQ_FD is edge-triggered: read while ZMQ_EVENTS says a message waits, which
+                # also re-arms it. Whoever sends on the socket checks again (reply()).
+                if sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+                    ident = recv(_NB)
+                    payload = recv(_NB) if sock.getsockopt(_RCVMORE) else None
+                    if sock.getsockopt(_RCVMORE):
+                        while sock.getsockopt(_RCVMORE):
+                            recv(_NB)
+                        payload = None   # a call is one frame
+                else:
+                    ident = None
+            if ident is None:
+                poller.poll(_POLL_MS)
+                _drain_fd(self.wake_fd)
+                continue
+            if payload is None:
+                engine = self._node.engine
+                if engine is not None:
+                    engine.malformed += 1   # counted with the control plane's
+                continue
+            self.served += 1
+            job = self._serve(self, ident, payload)
+            if job is not None:
+                return job
+
+    def reply(self, ident: bytes, payload: bytes) -> None:
+        """Send a reply (any thread); a message that arrived meanwhile wakes the leader."""
+        sock = self.sock
+        with self.slock:
+            if self.closed:
+                return
+            try:
+                sock.send(ident, _MORE_NB)
+                sock.send(payload, _NB)
+            except zmq.Again:
+                return   # the caller's queue is full: it times out, as on a lost reply
+            waiting = sock.getsockopt(_EVENTS) & _POLLIN  # type: ignore[operator]
+        if waiting:
+            wake(self.wake_fd)
+
+    def close(self, timeout: float) -> None:
+        with self.slock:
+            self.closed = True
+        wake(self.wake_fd)
+        deadline = time.monotonic() + timeout
+        for t in list(self.threads):
+            t.join(max(0.0, deadline - time.monotonic()))
+        with self.slock:
+            self.sock.close()
+        if not any(t.is_alive() for t in self.threads):
+            os.close(self.wake_fd)   # else a handler still runs: leave the fd to the process
+
+
+class LaneCaller:
+    """One thread's lane state: its eventfd and its DEALER to each server's lane."""
+
+    __slots__ = ("closed", "fd_open", "ident", "lock", "socks", "thread", "wake_fd")
+
+    def __init__(self) -> None:
+        self.thread = threading.current_thread()
+        self.ident = threading.get_ident()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.fd_open = True
+        self.lock = threading.Lock()   # every use of socks, closed, and the fd
+        self.socks: dict[str, tuple[zmq.Socket[Any], Any]] = {}   # endpoint -> (DEALER, poll)
+        self.closed = False
+
+    def wake(self) -> None:
+        """Wake this thread if it polls its lane (any thread; never after close)."""
+        with self.lock:
+            if self.fd_open:
+                wake(self.wake_fd)
+
+    def close(self) -> int:
+        """Close the sockets and the fd (a thread polling them wakes and sees closed)."""
+        with self.lock:
+            self.closed = True
+            socks, self.socks = self.socks, {}
+            for sock, _ in socks.values():
+                sock.close()
+            if self.fd_open:
+                self.fd_open = False
+                os.close(self.wake_fd)
+        return len(socks)
+
+
+class LaneCallers:
+    """Every thread's LaneCaller of one node: made on a thread's first call, closed when the
+    thread is found dead or the node stops."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.lock = threading.Lock()
+        self.callers: dict[int, LaneCaller] = {}
+        self.nsocks = 0
+        self.closed = False
+        self.local = threading.local()
+
+    def mine(self) -> LaneCaller | None:
+        caller: LaneCaller | None = getattr(self.local, "caller", None)
+        if caller is not None:
+            return None if caller.closed else caller
+        if not HAVE_LANE:
+            return None
+        with self.lock:
+            if self.closed:
+                return None
+            dead = [k for k, c in self.callers.items() if not c.thread.is_alive()]
+            for k in dead:
+                self.nsocks -= self.callers.pop(k).close()
+            caller = self.callers[threading.get_ident()] = LaneCaller()
+        self.local.caller = caller
+        return caller
+
+    def send(self, caller: LaneCaller, endpoint: str, payload: bytes
+             ) -> tuple[zmq.Socket[Any], Any] | None:
+        """Send on this thread's DEALER to ``endpoint``; None if it cannot go now (not yet
+        connected, queue full, too many sockets): then it takes the control path."""
+        with caller.lock:
+            if caller.closed:
+                return None
+            entry = caller.socks.get(endpoint)
+            if entry is None:
+                with self.lock:
+                    if self.closed or self.nsocks >= MAX_LANE_SOCKETS:
+                        return None
+                    self.nsocks += 1
+                node = self.node
+                sock = zio.new_socket(node.ctx, zmq.DEALER, linger=0,
+                                      max_bytes=2 * node.max_message_bytes, hwm=node.hwm)
+                sock.setsockopt(zmq.IMMEDIATE, 1)   # queue only on a completed connection
+                zio.connect(sock, endpoint)
+                poller = select.poll()
+                poller.register(sock.getsockopt(zmq.FD), select.POLLIN)  # type: ignore[arg-type]
+                poller.register(caller.wake_fd, select.POLLIN)
+                entry = caller.socks[endpoint] = (sock, poller)
+            try:
+                entry[0].send(payload, _NB)
+            except zmq.Again:
+                return None   # no connection yet (the first call), or the queue is full
+        return entry
+
+    def wait(self, caller: LaneCaller, entry: tuple[zmq.Socket[Any], Any],
+             settled: Callable[[], bool], deadline: float,
+             on_reply: Callable[[str, dict[str, Any]], None]) -> None:
+        """Read replies off ``entry``'s DEALER on this thread until ``settled()`` or the
+        deadline; ``on_reply(kind, fields)`` for each. Wakes early when ``caller.wake_fd`` is
+        written (the call was settled another way)."""
+        sock, poller = entry
+        recv = sock.recv
+        while True:
+            got: list[bytes] = []
+            with caller.lock:
+                if caller.closed:
+                    return
+                while sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+                    frame = recv(_NB)
+                    if sock.getsockopt(_RCVMORE):
+                        while sock.getsockopt(_RCVMORE):
+                            recv(_NB)
+                        continue   # a reply is one frame
+                    got.append(frame)
+            for frame in got:
+                try:
+                    kind, fields = decode_ctl(frame)
+                except (DecodeError, ProtocolVersionError):
+                    engine = self.node.engine
+                    if engine is not None:
+                        engine.malformed += 1
+                    continue
+                on_reply(kind, fields)
+            if settled():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            # a closed socket or fd shows as POLLNVAL at once: then `closed` ends it
+            poller.poll(min(int(left * 1000) + 1, _POLL_MS))
+            with caller.lock:
+                if caller.fd_open:
+                    _drain_fd(caller.wake_fd)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            callers, self.callers = list(self.callers.values()), {}
+        for caller in callers:
+            caller.close()
