@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 __all__ = ["PeerGone", "Rpc"]
 
 log = logging.getLogger("meshmq")
+#: The ttl a call carries is what the caller has left minus this allowance for the call's
+#: transit: the server counts ttl from when the call arrived, so without it a call could still
+#: start there after its caller gave up.
+TTL_TRANSIT = 0.005
 
 
 class Rpc:
@@ -182,9 +186,9 @@ class Rpc:
 
     def call(self, service: str, args: tuple[Any, ...], kwargs: dict[str, Any],
              timeout: float, retry: bool) -> Any:
-        deadline = time.monotonic() + timeout
         caller = self.lanes.mine() if self.use_lane else None
         call = self.begin(service, args, kwargs, timeout, retry, caller=caller)
+        deadline = call.deadline
         waiter = call.waiter
         assert waiter is not None
         entry = call.entry
@@ -305,7 +309,7 @@ class Rpc:
         assert engine is not None
         payload = pack([PROTO, "call", {
             "svc": call.service, "id": call.id, "a": call.payload,
-            "ttl": max(0.0, call.deadline - time.monotonic())}])
+            "ttl": max(0.0, call.deadline - time.monotonic() - TTL_TRANSIT)}])
         if caller is not None:
             peer = engine.peers.get(server)
             endpoint = peer.info.endpoints.get("rpc") if peer is not None else None
