@@ -288,7 +288,7 @@ class LaneServer:
 class LaneCaller:
     """One thread's lane state: its eventfd and its DEALER to each server's lane."""
 
-    __slots__ = ("closed", "fd_open", "ident", "lock", "socks", "thread", "wake_fd")
+    __slots__ = ("closed", "fd_open", "ident", "lock", "sent", "socks", "thread", "wake_fd")
 
     def __init__(self) -> None:
         self.thread = threading.current_thread()
@@ -298,6 +298,7 @@ class LaneCaller:
         self.lock = threading.Lock()   # every use of socks, closed, and the fd
         self.socks: dict[str, tuple[zmq.Socket[Any], Any]] = {}   # endpoint -> (DEALER, poll)
         self.closed = False
+        self.sent = 0                  # calls this thread sent on a lane
 
     def wake(self) -> None:
         """Wake this thread if it polls its lane (any thread; never after close)."""
@@ -372,6 +373,7 @@ class LaneCallers:
                 entry[0].send(payload, _NB)
             except zmq.Again:
                 return None   # no connection yet (the first call), or the queue is full
+            caller.sent += 1
         return entry
 
     def wait(self, caller: LaneCaller, entry: tuple[zmq.Socket[Any], Any],
