@@ -280,11 +280,14 @@ def test_server_killed_mid_call_on_the_lane_is_retried(make_node: Callable[..., 
     wait_until(lambda: {client.call("idem", 0, timeout=5) for _ in range(4)} == {"s1", "s2"}
                and client.stats()["calls_lane"] >= 4, timeout=5, what="lanes to both")
     result: list[Any] = []
+    threads: list[threading.Thread] = []
     for _ in range(4):   # round-robin: the slow call lands on s1 within two tries
         t = threading.Thread(target=lambda: result.append(
             client.call("idem", 1, timeout=10, retry=True)))
+        threads.append(t)
         t.start()
-        wait_until(lambda t=t: started.is_set() or not t.is_alive(), timeout=10, what="call")
+        wait_until(lambda: started.is_set() or not threads[-1].is_alive(), timeout=10,
+                   what="the call")
         if started.is_set():
             break
         t.join(10)
