@@ -60,3 +60,54 @@ def test_close_runs_the_backlog_then_stops_the_threads() -> None:
     pool.close(10.0)
     assert sorted(done) == list(range(6))
     assert not any(t.is_alive() for t in pool._threads)
+
+
+def test_a_claimed_worker_counts_against_concurrency_and_takes_the_backlog_after() -> None:
+    """claim()/run_claimed(): the RPC lane runs a job on the thread that read it, in the place
+    of a parked worker; jobs submitted meanwhile wait for it, then that worker runs them."""
+    gate = threading.Event()
+    ran: list[tuple[str, str]] = []
+
+    def handler(tag: str) -> str:
+        ran.append((tag, threading.current_thread().name))
+        if tag == "inline":
+            gate.wait(10)
+        return tag
+
+    pool = Pool(handler, "test", 1, _no_loop)
+    outcomes: list[tuple[bool, Any]] = []
+    try:
+        worker = pool.claim()
+        assert worker is not None
+        assert pool.claim() is None          # the only worker is taken
+        pool.submit(("queued",), {}, lambda ok, v: outcomes.append((ok, v)))
+        inline = threading.Thread(target=pool.run_claimed, name="lane-reader",
+                                  args=(worker, ("inline",), {},
+                                        lambda ok, v: outcomes.append((ok, v))))
+        inline.start()
+        wait_until(lambda: ran[:1] == [("inline", "lane-reader")], 5, what="inline job")
+        assert len(ran) == 1                 # "queued" waits: concurrency is 1
+        gate.set()
+        inline.join(5)
+        wait_until(lambda: len(outcomes) == 2, 5, what="both outcomes")
+        assert outcomes == [(True, "inline"), (True, "queued")]
+        assert ran[1][0] == "queued" and ran[1][1].startswith("meshmq-test")
+        assert pool.done == 2
+        worker = pool.claim()                # given back idle
+        assert worker is not None
+        pool.run_claimed(worker, ("again",), {}, lambda ok, v: outcomes.append((ok, v)))
+        assert outcomes[-1] == (True, "again")
+    finally:
+        pool.close(2)
+
+
+def test_an_async_pool_is_never_claimed() -> None:
+    async def handler() -> None:
+        return None
+
+    loop = asyncio.new_event_loop()
+    try:
+        pool = Pool(handler, "test", 1, lambda: loop)
+        assert pool.claim() is None
+    finally:
+        loop.close()
