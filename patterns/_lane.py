@@ -33,8 +33,6 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from meshmq import _zmqio as zio
-from meshmq._envelope import decode_ctl
-from meshmq._errors import DecodeError, ProtocolVersionError
 
 if TYPE_CHECKING:
 
@@ -51,6 +49,8 @@ _RCVMORE = int(zmq.RCVMORE)
 _POLLIN = int(zmq.POLLIN)
 _NB = zio.NOBLOCK
 _MORE_NB = zio.SNDMORE | zio.NOBLOCK
+# the C-level send, without the Python wrapper of zmq.Socket.send (as meshmq._engine does)
+_send: Callable[..., Any] = zmq.backend.Socket.send
 _POLL_MS = 1000      # a thread polling the lane looks at `closed` at least this often
 #: a call that comes in while the lane's reader runs a handler waits at most about this long
 #: for another thread to read it (see LaneServer)
@@ -257,8 +257,8 @@ class LaneServer:
             if self.closed:
                 return
             try:
-                sock.send(ident, _MORE_NB)
-                sock.send(payload, _NB)
+                _send(sock, ident, _MORE_NB)
+                _send(sock, payload, _NB)
             except zmq.Again:
                 return   # the caller's queue is full: it times out, as on a lost reply
             # the leader asks ZMQ_EVENTS itself before it polls again; another thread must
@@ -370,22 +370,20 @@ class LaneCallers:
                 poller.register(caller.wake_fd, select.POLLIN)
                 entry = caller.socks[endpoint] = (sock, poller)
             try:
-                entry[0].send(payload, _NB)
+                _send(entry[0], payload, _NB)
             except zmq.Again:
                 return None   # no connection yet (the first call), or the queue is full
             caller.sent += 1
         return entry
 
-    def wait(self, caller: LaneCaller, entry: tuple[zmq.Socket[Any], Any],
-             settled: Callable[[], bool], deadline: float,
-             on_reply: Callable[[str, dict[str, Any]], None]) -> None:
-        """Read replies off ``entry``'s DEALER on this thread until ``settled()`` or the
-        deadline; ``on_reply(kind, fields)`` for each. Wakes early when ``caller.wake_fd`` is
-        written (the call was settled another way)."""
+    def wait(self, caller: LaneCaller, entry: tuple[zmq.Socket[Any], Any], call: Any,
+             on_frame: Callable[[Any, bytes], bool], deadline: float) -> None:
+        """Read frames off ``entry``'s DEALER on this thread, ``on_frame(call, frame)`` for
+        each, until ``call.done`` or the deadline. A write to ``caller.wake_fd`` (the call was
+        settled another way: retried elsewhere, server gone, node stopping) wakes it to look."""
         sock, poller = entry
         recv = sock.recv
-        while True:
-            got: list[bytes] = []
+        while not call.done:
             with caller.lock:
                 if caller.closed:
                     return
@@ -393,19 +391,12 @@ class LaneCallers:
                 # edge-triggered ZMQ_FD) every time before it polls: so it may stop after one
                 # message. Each frame is taken as a message: a reply is one frame, and
                 # anything else fails to decode and is counted.
-                if sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
-                    got.append(recv(_NB))
-            for frame in got:
-                try:
-                    kind, fields = decode_ctl(frame)
-                except (DecodeError, ProtocolVersionError):
-                    engine = self.node.engine
-                    if engine is not None:
-                        engine.malformed += 1
-                    continue
-                on_reply(kind, fields)
-            if settled():
-                return
+                ready = sock.getsockopt(_EVENTS) & _POLLIN  # type: ignore[operator]
+                frame = recv(_NB) if ready else None
+            if frame is not None:
+                if on_frame(call, frame):
+                    return
+                continue
             left = deadline - time.monotonic()
             if left <= 0:
                 return

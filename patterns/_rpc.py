@@ -64,6 +64,7 @@ class Rpc:
         self.pending: dict[str, Call] = {}      # sent, awaiting a reply
         self.parked: list[Call] = []            # no server yet: waiting for one to join
         self._servers_cache: dict[str, list[str]] = {}   # replaced whenever a peer changes
+        self._lane_eps: dict[str, str | None] = {}        # server -> its lane; the same
         self._wakers: dict[asyncio.AbstractEventLoop, LoopWaker] = {}
         self._checked: set[str] = set()          # service names that passed check_topic
         self._ids = itertools.count(1)
@@ -83,6 +84,7 @@ class Rpc:
         self.services[spec.name] = Pool(fn, f"rpc-{spec.name}", spec.options["concurrency"],
                                         node._handler_loop)
         self._servers_cache = {}
+        self._lane_eps = {}
         if self.lane is None and self.use_lane:
             # before the offer that names the service goes out (Node.add_handler, start)
             self.lane = LaneServer(node, self._serve_lane, self._lane_threads)
@@ -126,6 +128,7 @@ class Rpc:
 
     def on_peer_join(self, info: PeerInfo) -> None:
         self._servers_cache = {}
+        self._lane_eps = {}
         if self.parked and info.services:
             with self.lock:
                 parked, self.parked = self.parked, []
@@ -138,6 +141,7 @@ class Rpc:
         # The engine dropped the peer before telling us: a call that picks a server after the
         # scan below cannot pick this one, and one that picked it before is in pending.
         self._servers_cache = {}
+        self._lane_eps = {}
         with self.lock:
             gone = [c for c in self.pending.values() if c.server == info.id]
             for call in gone:
@@ -194,22 +198,38 @@ class Rpc:
         entry = call.entry
         if entry is not None and caller is not None:
             # sent on the lane: read the reply here (settled another way, we are woken)
-            server = call.server
-            assert server is not None
-            self.lanes.wait(caller, entry, lambda: call.done, deadline,
-                            lambda kind, fields: self._on_lane_reply(kind, fields, server))
+            self.lanes.wait(caller, entry, call, self._lane_reply, deadline)
+            if call.done:   # ok and value are set before done (_finish)
+                return call.result()
         if not waiter.acquire(timeout=max(0.0, deadline - time.monotonic())) \
                 and not self._give_up(call):
             raise self._timed_out(call, timeout)
         return call.result()
 
-    def _on_lane_reply(self, kind: str, fields: dict[str, Any], server: str) -> None:
-        if kind == "reply":
-            self._on_reply(fields, server)
-        else:
+    def _lane_reply(self, call: Call, frame: bytes) -> bool:
+        """A frame off this thread's lane while it waits for ``call``: True once it settled.
+
+        Only this thread's calls use its DEALER, one at a time: a reply for another id is a
+        late one for a call it gave up on, ignored as on the control plane (13.2).
+        """
+        try:
+            kind, fields = decode_ctl(frame)
+        except (DecodeError, ProtocolVersionError):
+            kind, fields = "", {}
+        cid = fields.get("id")
+        if kind != "reply" or type(cid) is not str:
             engine = self.node.engine
             if engine is not None:
                 engine.malformed += 1
+            return call.done
+        if cid == call.id:
+            with self.lock:
+                if self.pending.get(cid) is not call:
+                    return call.done   # settled another way meanwhile
+                del self.pending[cid]
+            ok = bool(fields.get("ok"))
+            self._complete(call, ok, fields.get("r" if ok else "e"))
+        return call.done
 
     async def acall(self, service: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                     timeout: float, retry: bool) -> Any:
@@ -311,8 +331,12 @@ class Rpc:
             "svc": call.service, "id": call.id, "a": call.payload,
             "ttl": max(0.0, call.deadline - time.monotonic() - TTL_TRANSIT)}])
         if caller is not None:
-            peer = engine.peers.get(server)
-            endpoint = peer.info.endpoints.get("rpc") if peer is not None else None
+            eps = self._lane_eps   # replaced whenever a peer changes, as _servers_cache
+            endpoint = eps.get(server, "")
+            if endpoint == "":
+                peer = engine.peers.get(server)
+                endpoint = eps[server] = \
+                    peer.info.endpoints.get("rpc") if peer is not None else None
             if endpoint is not None:
                 entry = self.lanes.send(caller, endpoint, payload)
                 if entry is not None:
@@ -344,6 +368,10 @@ class Rpc:
             if call is None or call.server != server:
                 return  # late: timed out, or already retried elsewhere
             del self.pending[cid]
+        self._complete(call, ok, value)
+
+    def _complete(self, call: Call, ok: bool, value: Any) -> None:
+        """Settle a call its settler took out of pending: decode, retry or raise."""
         if ok:
             try:
                 result = decode(value) if type(value) is bytes else value
