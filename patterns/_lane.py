@@ -76,10 +76,10 @@ def _drain_fd(fd: int) -> None:
 class LaneServer:
     """The serving side: a ROUTER read by one thread at a time, which runs calls itself.
 
-    ``serve(ident, frame)`` (the Rpc's) either returns a job to run on the reading thread,
-    ``(pool, worker, args, kwargs, done)`` with ``worker`` claimed from ``pool``, or None when
-    it dealt with the call (submitted it, or answered an error). ``reply(ident, payload)`` may
-    be called from any thread.
+    ``serve(lane, ident, frame)`` (the Rpc's) either returns a job for ``run(job)`` on the
+    reading thread (a call with a worker of its pool claimed), or None when it dealt with the
+    call (queued it for the pool, or answered an error). ``reply(ident, payload)`` may be
+    called from any thread.
 
     Leader and standby: the leader reads, and runs the handler of a call it read on its own
     thread, then goes on reading. Handing the reading over before every handler (classic
@@ -94,6 +94,7 @@ class LaneServer:
 
     def __init__(self, node: Node,
                  serve: Callable[[LaneServer, bytes, bytes], tuple[Any, ...] | None],
+                 run: Callable[[tuple[Any, ...]], None],
                  max_threads: Callable[[], int]) -> None:
         self.sock = zio.new_socket(node.ctx, zmq.ROUTER, linger=0,
                                    max_bytes=2 * node.max_message_bytes, hwm=node.hwm)
@@ -119,6 +120,7 @@ class LaneServer:
         self.handovers = 0       # times a standby took over from a leader busy in a handler
         self._node = node
         self._serve = serve
+        self._run_job = run
         self._max_threads = max_threads
         self._label = node.name
         self._spawn()
@@ -207,8 +209,7 @@ class LaneServer:
                     if self.followers == 0 and len(self.threads) < self._max_threads():
                         self._spawn()      # one to stand by while this one runs handlers
             self.inline += 1
-            pool, worker, args, kwargs, done = job
-            pool.run_claimed(worker, args, kwargs, done)
+            self._run_job(job)
             self.running_since = 0.0
             if self.leader != me:
                 with cond:
@@ -219,26 +220,35 @@ class LaneServer:
         """Lead: read calls until one is to run on this thread (None once closed)."""
         sock, slock = self.sock, self.slock
         recv = sock.recv
+        woke = False
         while True:
+            ident: bytes | None = None
+            payload: bytes | None = None
             with slock:
                 if self.closed:
                     return None
                 # ZMQ_FD is edge-triggered: read while ZMQ_EVENTS says a message waits, which
-                # also re-arms it. Whoever sends on the socket checks again (reply()).
-                if sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
-                    ident = recv(_NB)
-                    # a ROUTER's message has an identity and a body
-                    payload: bytes | None = recv(_NB)
-                    if sock.getsockopt(_RCVMORE):
-                        while sock.getsockopt(_RCVMORE):
-                            recv(_NB)
-                        payload = None   # a call is one frame
-                else:
-                    ident = None
+                # also re-arms it (so does a receive that finds nothing). Whoever sends on the
+                # socket checks again (reply()). Just woken by the socket, receive at once: a
+                # message is nearly always what woke us, and ZMQ_EVENTS costs a few us.
+                try:
+                    if woke or sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+                        ident = recv(_NB)
+                        # a ROUTER's message has an identity and a body
+                        payload = recv(_NB)
+                        if sock.getsockopt(_RCVMORE):
+                            while sock.getsockopt(_RCVMORE):
+                                recv(_NB)
+                            payload = None   # a call is one frame
+                except zmq.Again:
+                    pass   # woken for something else: look again, then poll
+            woke = False
             if ident is None:
                 for fd, _ in poller.poll(_POLL_MS):
                     if fd == self.wake_fd:
                         _drain_fd(fd)
+                    else:
+                        woke = True
                 continue
             if payload is None:
                 engine = self._node.engine
@@ -383,16 +393,23 @@ class LaneCallers:
         settled another way: retried elsewhere, server gone, node stopping) wakes it to look."""
         sock, poller = entry
         recv = sock.recv
+        woke = False
         while not call.done:
+            frame: bytes | None = None
             with caller.lock:
                 if caller.closed:
                     return
                 # Only this thread uses the socket, and it asks ZMQ_EVENTS (which re-arms the
-                # edge-triggered ZMQ_FD) every time before it polls: so it may stop after one
-                # message. Each frame is taken as a message: a reply is one frame, and
-                # anything else fails to decode and is counted.
-                ready = sock.getsockopt(_EVENTS) & _POLLIN  # type: ignore[operator]
-                frame = recv(_NB) if ready else None
+                # edge-triggered ZMQ_FD), or receives until nothing is left, every time before
+                # it polls: so it may stop after one message. Just woken by the socket, it
+                # receives at once (see LaneServer._read). Each frame is taken as a message:
+                # a reply is one frame, and anything else fails to decode and is counted.
+                try:
+                    if woke or sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+                        frame = recv(_NB)
+                except zmq.Again:
+                    pass
+            woke = False
             if frame is not None:
                 if on_frame(call, frame):
                     return
@@ -406,6 +423,8 @@ class LaneCallers:
                     with caller.lock:
                         if caller.fd_open:
                             _drain_fd(fd)
+                else:
+                    woke = True
 
     def close(self) -> None:
         with self.lock:

@@ -113,26 +113,27 @@ class Pool:
         with self._mutex:
             return self._idle.pop() if self._idle else None
 
-    def run_claimed(self, w: _Worker, args: tuple[Any, ...], kwargs: dict[str, Any],
-                    done: Callable[[bool, Any], None]) -> None:
-        """Run one job on this thread in ``w``'s place, then give ``w`` back (or its backlog)."""
+    def run_claimed(self, w: _Worker, args: tuple[Any, ...], kwargs: dict[str, Any]
+                    ) -> Outcome:
+        """Run one job on this thread in ``w``'s place, give ``w`` back (or its backlog), and
+        return the outcome: (True, result) or (False, the exception)."""
         clock = time.perf_counter
         t0 = clock()
+        outcome: Outcome
         try:
-            result = self.fn(*args, **kwargs)
+            outcome = (True, self.fn(*args, **kwargs))
         except Exception as exc:  # noqa: BLE001 - a handler's failure is data
-            self.busy += clock() - t0
             self.errors += 1
-            self._finish(done, False, exc)
-        else:
-            self.busy += clock() - t0
-            self._finish(done, True, result)
+            outcome = (False, exc)
+        self.busy += clock() - t0
+        self.done += 1
         with self._mutex:
             if not self._backlog:
                 self._idle.append(w)
-                return
+                return outcome
             w.job = self._backlog.popleft()
         w.wake.release()   # jobs queued meanwhile: the parked worker takes them on
+        return outcome
 
     def _expire(self, done: Callable[[bool, Any], None]) -> None:
         self.expired += 1

@@ -87,7 +87,7 @@ class Rpc:
         self._lane_eps = {}
         if self.lane is None and self.use_lane:
             # before the offer that names the service goes out (Node.add_handler, start)
-            self.lane = LaneServer(node, self._serve_lane, self._lane_threads)
+            self.lane = LaneServer(node, self._serve_lane, self._run_lane, self._lane_threads)
             node.extra_endpoints["rpc"] = self.lane.advertised
         return True
 
@@ -414,8 +414,9 @@ class Rpc:
 
     def _serve_lane(self, lane: LaneServer, ident: bytes, frame: bytes
                     ) -> tuple[Any, ...] | None:
-        """A call read off the lane (its reading thread): a job for that thread to run, with
-        a worker claimed from the service's pool; or None when it was queued or answered."""
+        """A call read off the lane (its reading thread): a job for that thread to run
+        (``_run_lane``), with a worker claimed from the service's pool; or None when it was
+        queued for the pool or answered already."""
         try:
             kind, fields = decode_ctl(frame)
         except (DecodeError, ProtocolVersionError):
@@ -427,39 +428,45 @@ class Rpc:
             if engine is not None:
                 engine.malformed += 1
             return None
-        ttl = fields.get("ttl")
-        expires = None
-        if (type(ttl) is float or type(ttl) is int) and ttl >= 0:
-            expires = time.monotonic() + ttl
 
         def reply(ok: bool, value: Any) -> None:
             lane.reply(ident, pack([PROTO, "reply", {"id": cid, "ok": ok,
                                                      ("r" if ok else "e"): value}]))
 
-        job = self._prepare(svc, payload, reply)
-        if job is None:
+        pool = self.services.get(svc)
+        call = self._decode_call(svc, pool, payload, reply)
+        if call is None:
             return None
-        pool, args, kwargs, done = job
+        assert pool is not None
         worker = pool.claim()
-        if worker is None:
-            pool.submit(args, kwargs, done, expires)
-            return None
-        return pool, worker, args, kwargs, done
+        if worker is not None:
+            return pool, worker, call[0], call[1], reply
+        ttl = fields.get("ttl")
+        expires = None
+        if (type(ttl) is float or type(ttl) is int) and ttl >= 0:
+            expires = time.monotonic() + ttl
+        pool.submit(call[0], call[1], self._done(reply), expires)
+        return None
+
+    def _run_lane(self, job: tuple[Any, ...]) -> None:
+        """Run a job of _serve_lane on the lane thread that read it, and reply."""
+        pool, worker, args, kwargs, reply = job
+        ok, value = pool.run_claimed(worker, args, kwargs)
+        self._reply_outcome(reply, ok, value)
 
     def _serve_local(self, svc: str, payload: bytes, reply: Callable[[bool, Any], None],
                      expires: float | None = None) -> None:
         """Run a call on this node; ``reply(ok, msgpack result | error dict)`` from any thread."""
-        job = self._prepare(svc, payload, reply)
-        if job is not None:
-            pool, args, kwargs, done = job
-            pool.submit(args, kwargs, done, expires)
-
-    def _prepare(self, svc: str, payload: bytes, reply: Callable[[bool, Any], None]
-                 ) -> tuple[Pool, tuple[Any, ...], dict[str, Any],
-                            Callable[[bool, Any], None]] | None:
-        """Check and decode a call: (pool, args, kwargs, done) to run, or None if it was
-        answered with an error already. ``done(ok, value)`` encodes and replies."""
         pool = self.services.get(svc)
+        call = self._decode_call(svc, pool, payload, reply)
+        if call is not None:
+            assert pool is not None
+            pool.submit(call[0], call[1], self._done(reply), expires)
+
+    def _decode_call(self, svc: str, pool: Pool | None, payload: bytes,
+                     reply: Callable[[bool, Any], None]
+                     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """(args, kwargs) of a call to run, or None if it was answered with an error."""
         if pool is None:
             # a stale offer sent the call here: the caller may try another server
             reply(False, {"type": "NoPeerError", "message": f"{svc!r} is not served here",
@@ -473,25 +480,30 @@ class Rpc:
             reply(False, describe_error(exc))
             return None
         self.counters["calls_served"] += 1
+        return tuple(args), kwargs
 
-        def done(ok: bool, value: Any) -> None:
-            if ok:
-                try:
-                    result = encode(value)
-                    if len(result) > self.node.max_message_bytes:
-                        raise EncodeError(f"result of {len(result)} bytes is over "
-                                          f"max_message_bytes={self.node.max_message_bytes}")
-                    reply(True, result)
-                except MeshError as exc:
-                    reply(False, describe_error(exc))
-            elif isinstance(value, Abandoned):
-                self.counters["calls_expired"] += 1   # nobody waits for the answer any more
-                reply(False, describe_error(value))
+    def _done(self, reply: Callable[[bool, Any], None]) -> Callable[[bool, Any], None]:
+        """The pool's done callback of a call: its outcome, encoded, to ``reply``."""
+        return lambda ok, value: self._reply_outcome(reply, ok, value)
+
+    def _reply_outcome(self, reply: Callable[[bool, Any], None], ok: bool, value: Any) -> None:
+        """A handler's outcome (result, or exception) as a reply (any thread)."""
+        if ok:
+            try:
+                result = encode(value)
+                if len(result) > self.node.max_message_bytes:
+                    raise EncodeError(f"result of {len(result)} bytes is over "
+                                      f"max_message_bytes={self.node.max_message_bytes}")
+            except MeshError as exc:
+                reply(False, describe_error(exc))
             else:
-                self.counters["calls_raised"] += 1  # the caller gets it as RemoteError
-                reply(False, describe_error(value))
-
-        return pool, tuple(args), kwargs, done
+                reply(True, result)
+        elif isinstance(value, Abandoned):
+            self.counters["calls_expired"] += 1   # nobody waits for the answer any more
+            reply(False, describe_error(value))
+        else:
+            self.counters["calls_raised"] += 1  # the caller gets it as RemoteError
+            reply(False, describe_error(value))
 
 
 def rpc_spec(service: str, concurrency: int) -> HandlerSpec:

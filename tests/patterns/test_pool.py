@@ -70,6 +70,8 @@ def test_a_claimed_worker_counts_against_concurrency_and_takes_the_backlog_after
 
     def handler(tag: str) -> str:
         ran.append((tag, threading.current_thread().name))
+        if tag == "boom":
+            raise KeyError(tag)
         if tag == "inline":
             gate.wait(10)
         return tag
@@ -81,9 +83,8 @@ def test_a_claimed_worker_counts_against_concurrency_and_takes_the_backlog_after
         assert worker is not None
         assert pool.claim() is None          # the only worker is taken
         pool.submit(("queued",), {}, lambda ok, v: outcomes.append((ok, v)))
-        inline = threading.Thread(target=pool.run_claimed, name="lane-reader",
-                                  args=(worker, ("inline",), {},
-                                        lambda ok, v: outcomes.append((ok, v))))
+        inline = threading.Thread(target=lambda: outcomes.append(
+            pool.run_claimed(worker, ("inline",), {})), name="lane-reader")
         inline.start()
         wait_until(lambda: ran[:1] == [("inline", "lane-reader")], 5, what="inline job")
         assert len(ran) == 1                 # "queued" waits: concurrency is 1
@@ -95,8 +96,11 @@ def test_a_claimed_worker_counts_against_concurrency_and_takes_the_backlog_after
         assert pool.done == 2
         worker = pool.claim()                # given back idle
         assert worker is not None
-        pool.run_claimed(worker, ("again",), {}, lambda ok, v: outcomes.append((ok, v)))
-        assert outcomes[-1] == (True, "again")
+        assert pool.run_claimed(worker, ("again",), {}) == (True, "again")
+        claimed = pool.claim()
+        assert claimed is not None
+        ok, exc = pool.run_claimed(claimed, ("boom",), {})
+        assert not ok and isinstance(exc, KeyError) and pool.errors == 1
     finally:
         pool.close(2)
 
