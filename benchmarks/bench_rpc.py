@@ -67,9 +67,9 @@ def _percentiles(lat_us: list[float]) -> tuple[float, float]:
 
 
 # ---- meshmq ------------------------------------------------------------------------------------
-def mesh_server(conn: Connection) -> None:
+def mesh_server(conn: Connection, lane: bool = True) -> None:
     from meshmq import Node
-    node = Node("rpcd", host="127.0.0.1")
+    node = Node("rpcd", host="127.0.0.1", rpc_lane=lane)
     node.rpc(SERVICE)(echo)
     node.start()
     try:
@@ -79,9 +79,9 @@ def mesh_server(conn: Connection) -> None:
         node.stop()
 
 
-def mesh_client(conn: Connection, address: str) -> None:
+def mesh_client(conn: Connection, address: str, lane: bool = True) -> None:
     from meshmq import Node
-    node = Node("client", peers=[address]).start()
+    node = Node("client", peers=[address], rpc_lane=lane).start()
     try:
         body = os.urandom(SIZE)
         node.call(SERVICE, body, timeout=10.0)   # waits for the server to be known
@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zerorpc", default=os.environ.get("MESHMQ_BENCH_ZERORPC"),
                     metavar="PYTHON", help="a Python with zerorpc installed, to compare with")
     ap.add_argument("--zerorpc-role", nargs="+", help=argparse.SUPPRESS)
+    ap.add_argument("--no-lane", action="store_true",
+                    help="meshmq without the RPC lane: sync calls on the control sockets, to "
+                         "see what the lane buys (docs/PROTOCOL.md 13.5)")
     args = ap.parse_args(argv)
     if args.zerorpc_role:
         role, *rest = args.zerorpc_role
@@ -384,17 +387,20 @@ def main(argv: list[str] | None = None) -> int:
     repeats, seconds = resolve(args)
     setup_env()
     check_same_envelope()
-    p50 = Result("rpc", "round trip p50, sequential", "us", False, aim=1.5,
+    lane = not args.no_lane
+    subject = "meshmq" if lane else "meshmq, no lane"
+    p50 = Result("rpc", "round trip p50, sequential", "us", False, aim=1.5, subject=subject,
                  baseline="raw REQ/REP")
-    p99 = Result("rpc", "round trip p99, sequential", "us", False, baseline="raw REQ/REP")
+    p99 = Result("rpc", "round trip p99, sequential", "us", False, subject=subject,
+                 baseline="raw REQ/REP")
     pipe = Result("rpc", f"pipelined, {INFLIGHT} in flight", "msg/s", True,
                   subject="meshmq AsyncNode", baseline="raw DEALER/ROUTER")
     children: list[Child] = []
     try:
-        ms = Child("meshmq-server", mesh_server)
+        ms = Child("meshmq-server", mesh_server, lane)
         children.append(ms)
         _, address = ms.recv()
-        mc = Child("meshmq-client", mesh_client, address)
+        mc = Child("meshmq-client", mesh_client, address, lane)
         children.append(mc)
         ma = Child("meshmq-async-client", mesh_async_client, address)
         children.append(ma)
@@ -452,7 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                 results)
     if p50.raw:
         print(f"  raw REQ/REP p50 {median(p50.raw):.0f} us is the floor a sequential call can "
-              "reach here; meshmq adds its thread hand-offs on both sides.\n", flush=True)
+              "reach here. " + ("meshmq's sync calls go on the RPC lane (no thread hand-off "
+                                "on either side; PROTOCOL.md 13.5): what it adds is Python "
+                                "per call." if lane else "Without the lane, meshmq adds two "
+                                "thread hand-offs on each side.") + "\n", flush=True)
     emit(results)
     return 0
 
