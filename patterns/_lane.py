@@ -288,8 +288,10 @@ class LaneServer:
         with self.cond:
             self.cond.notify_all()
         deadline = time.monotonic() + timeout
+        me = threading.current_thread()
         for t in list(self.threads):
-            t.join(max(0.0, deadline - time.monotonic()))
+            if t is not me:   # a handler may stop its own node
+                t.join(max(0.0, deadline - time.monotonic()))
         with self.slock:
             self.sock.close()
             self._close_fd()

@@ -210,5 +210,7 @@ class Pool:
         for w in idle:
             w.job = _STOP
             w.wake.release()
+        me = threading.current_thread()
         for t in self._threads:
-            t.join(timeout)
+            if t is not me:   # a handler may stop its own node
+                t.join(timeout)

@@ -298,3 +298,26 @@ def test_server_killed_mid_call_on_the_lane_is_retried(make_node: Callable[..., 
     gate.set()
     assert result == ["s2"]
     assert client.stats()["calls_retried"] >= 1
+
+
+def test_a_handler_may_stop_its_own_node(make_node: Callable[..., Node]) -> None:
+    client = make_node("client")
+    server = make_node("server", peers=[client.address])
+    stopped = threading.Event()
+
+    @server.rpc("shutdown")
+    def shutdown(now: bool) -> str:
+        if now:
+            server.stop(timeout=1.0)   # from the lane thread running this handler
+            stopped.set()
+        return "bye"
+
+    client.wait_for_servers("shutdown", timeout=5)
+    caller = client._rpc.lanes.mine()
+    assert caller is not None
+    wait_until(lambda: client.call("shutdown", False, timeout=5) == "bye" and caller.sent > 0,
+               timeout=5, what="a call on the lane")
+    with pytest.raises(PeerGone):
+        client.call("shutdown", True, timeout=10)
+    assert stopped.wait(5)
+    assert not server.running
