@@ -210,11 +210,10 @@ class LaneServer:
                         self._spawn()      # one to stand by while this one runs handlers
             self.inline += 1
             self._run_job(job)
-            self.running_since = 0.0
-            if self.leader != me:
-                with cond:
-                    if self.leader != me and not self._follow(me):
-                        return
+            with cond:   # one step with a standby's look at running_since: one reader
+                self.running_since = 0.0
+                if self.leader != me and not self._follow(me):
+                    return
 
     def _read(self, poller: Any) -> tuple[Any, ...] | None:
         """Lead: read calls until one is to run on this thread (None once closed)."""
