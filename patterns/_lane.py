@@ -55,7 +55,7 @@ _POLL_MS = 1000      # a thread polling the lane looks at `closed` at least this
 #: a call that comes in while the lane's reader runs a handler waits at most about this long
 #: for another thread to read it (see LaneServer)
 HANDOVER = 0.002
-IDLE_AFTER = 1.0     # s without calls after which no thread waits with a timeout
+IDLE_AFTER = 0.1     # s without calls after which no thread waits with a timeout
 
 
 def wake(fd: int) -> None:

@@ -321,3 +321,33 @@ def test_a_handler_may_stop_its_own_node(make_node: Callable[..., Node]) -> None
         client.call("shutdown", True, timeout=10)
     assert stopped.wait(5)
     assert not server.running
+
+
+def test_calls_back_and_forth_between_two_servers_do_not_deadlock(
+        make_node: Callable[..., Node]) -> None:
+    """client -> a.outer (on A) -> b.inner (on B) -> a.leaf (on A again), all on lanes: A's
+    lane reader is busy in a.outer when a.leaf comes in, so another thread reads it."""
+    client = make_node("client")
+    a = make_node("a", peers=[client.address])
+    b = make_node("b", peers=[client.address, a.address])
+
+    @a.rpc("a.leaf")
+    def leaf(x: int) -> int:
+        return x + 1
+
+    @b.rpc("b.inner")
+    def inner(x: int) -> int:
+        return int(b.call("a.leaf", x * 10, timeout=5)) + 1
+
+    @a.rpc("a.outer")
+    def outer(x: int) -> int:
+        return int(a.call("b.inner", x, timeout=5)) + 1
+
+    client.wait_for_servers("a.outer", timeout=5)
+    a.wait_for_servers("b.inner", timeout=5)
+    b.wait_for_servers("a.leaf", timeout=5)
+    results = [client.call("a.outer", i, timeout=10) for i in range(20)]
+    assert results == [10 * i + 3 for i in range(20)]
+    # after the first calls, the nested ones went on lanes too
+    assert a.stats()["calls_lane"] > 0 and b.stats()["calls_lane"] > 0
+    assert a.stats()["calls_served_lane"] > 0
