@@ -61,7 +61,7 @@ def drive(node: Node, n: int, interval: float) -> None:
             say("svc", i, "error", type(exc).__name__, time.monotonic())
         tick.wait(interval)
     node.wait_for_tasks(timeout=15.0)
-    say("drive-done", n)
+    say("drive-done", n, "lane", node.stats()["calls_lane"])   # calls sent on RPC lanes
 
 
 def main(argv: list[str] | None = None) -> int:

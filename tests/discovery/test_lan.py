@@ -74,8 +74,10 @@ def test_three_hosts_discover_exchange_and_survive_a_partition(
             "calls after the leave")
         assert {s for _, s, _ in after} == {"c"}
         # Every task was acknowledged: those b held when it vanished were redone by c.
-        tools.find_line(a, lambda ln: ln.startswith("drive-done"), 20)
+        done = tools.find_line(a, lambda ln: ln.startswith("drive-done"), 20).split()
         assert not tools.words(a, "failed")
+        # most calls went on the servers' RPC lanes, dialled on their LAN addresses
+        assert done[2] == "lane" and int(done[3]) >= 75, done
 
         # The partition heals: the link a node dialled keeps saying hello, so b is back.
         lan.link_up(2)
