@@ -37,10 +37,11 @@ def test_nodes_json_lists_what_each_node_offers_and_does_not_advertise_itself(
     assert table.lines[0].split() == ["NAME", "ID", "GROUP", "ADDRESS", "OFFERS"]
     mine = sorted(ln.split()[:3] for ln in table.lines[1:] if group in ln)
     assert mine == [["elsewhere", other.id, group + "-2"], ["shop", shop.id, group]]
-    # Browsing only: the commands never showed up as nodes of any group.
+    # Browsing only: the commands never showed up as nodes of any group. (Each node saw the
+    # other one's group at least; nodes of other test runs on this machine may add to it.)
     for node in (shop, other):
         stats = node._discovery.stats()
-        assert stats["found"] == 0 and stats["ignored_other_group"] == 1, stats
+        assert stats["found"] == 0 and stats["ignored_other_group"] >= 1, stats
 
 
 def test_nodes_watch_prints_joins_and_leaves(
