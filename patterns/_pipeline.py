@@ -100,11 +100,14 @@ class _LocalWorker:
     measured: tuple[float, int] = (0.0, 0)   # (busy, done) below, at the last retune
     # A sync handler's tasks wait here, not in the pool's backlog: the pool runs "drainers",
     # jobs that each take tasks from ``ready`` until it is empty (see Pipelines._drainer).
-    # ``drainers`` counts those submitted and not finished; both change under ``lock``.
+    # ``drainers`` counts those submitted and not finished, ``free`` those of them not inside
+    # the handler (started or not). Under ``lock``, except that the I/O thread appends to
+    # ``ready`` first and then looks (in _start).
     threaded: bool = True
     ready: deque[Message] = field(default_factory=deque)
     lock: threading.Lock = field(default_factory=threading.Lock)
     drainers: int = 0
+    free: int = 0
     # seconds in the handler and tasks run, added without a lock by the threads that ran
     # them (a lost update only blurs the adaptive prefetch's estimate, which reads them)
     busy: float = 0.0
@@ -615,41 +618,67 @@ class Pipelines:
             lw.pool.submit((msg,), {}, lambda ok, value: self._outcome(lw, msg, ok, value))
 
     def _start(self, lw: _LocalWorker) -> None:
-        """Have a drainer for every ready task, up to ``concurrency`` (I/O thread)."""
+        """Tasks were made ready (I/O thread): see that a drainer will take them."""
         if not lw.threaded:
             return
         with lw.lock:
-            n = min(lw.concurrency - lw.drainers, len(lw.ready))
-            if n <= 0:
-                return
-            lw.drainers += n
-        for _ in range(n):
-            lw.pool.submit((), {}, self._drainer_failed)
+            if not lw.ready or lw.free or lw.drainers >= lw.concurrency:
+                return   # a free drainer takes them, or every one is busy (they wait)
+            lw.drainers += 1
+            lw.free += 1
+        lw.pool.submit((), {}, self._drainer_failed)
 
     def _drainer(self, lw: _LocalWorker, fn: Callable[[Message], Any]) -> None:
         """A pool job, on a handler thread: run the tasks in ``lw.ready`` until it is empty.
 
         Why not one pool job per task: with short handlers, a job's own bookkeeping (a job
-        tuple, the pool's mutex twice, an outcome closure, a wake-up of an idle thread) cost
-        more than the handler, and at concurrency 16 most of a batch's tasks each woke a
-        thread of their own. The concurrency is the same: ``_start`` keeps a drainer for each
-        ready task up to ``concurrency``, and all of them take from one FIFO, so a task waits
-        only while ``concurrency`` handlers are running, as it did in the pool's backlog.
+        tuple, the pool's mutex twice, an outcome closure) cost more than the handler, and at
+        concurrency 16 the pool woke a thread for most tasks of a batch: each wake-up is a
+        GIL hand-over and a context switch or two, for a thread that then ran one task.
+
+        Drainers are added one at a time, when needed: one that enters the handler while
+        tasks are ready and no other drainer is free starts another first. So a task never
+        waits behind a running handler while fewer than ``concurrency`` run (blocking
+        handlers fan out to ``concurrency`` threads, one wake-up per task, as before), but
+        short handlers leave the next drainer nothing to do: one or two threads run a
+        whole batch.
         """
-        ready, lock, emit = lw.ready, lw.lock, lw.emit
+        ready, lock, emit, limit = lw.ready, lw.lock, lw.emit, lw.concurrency
         pop, acked = ready.popleft, self._acked_out
         clock = time.perf_counter
+        ran = False
         while True:
-            try:
-                msg = pop()
-            except IndexError:
+            if limit == 1:
+                # Alone: no other drainer to start, so no count to keep per task (the lock
+                # costs about as much as the rest of this loop); only leaving needs it.
+                try:
+                    msg = pop()
+                except IndexError:
+                    with lock:
+                        if ready:
+                            continue
+                        lw.drainers = lw.free = 0
+                        return
+                more = False
+            else:
                 with lock:
-                    # A task appended after our pop but counted by _start before we leave
-                    # would find no drainer: look again under the lock _start takes.
-                    if ready:
-                        continue
-                    lw.drainers -= 1
-                    return
+                    if ran:
+                        lw.free += 1
+                    if not ready:
+                        # Only under the lock: a task appended after that look finds this
+                        # drainer gone in _start (which then adds one), never half-gone.
+                        lw.drainers -= 1
+                        lw.free -= 1
+                        return
+                    msg = pop()
+                    lw.free -= 1
+                    more = bool(ready) and not lw.free and lw.drainers < limit
+                    if more:
+                        lw.drainers += 1
+                        lw.free += 1
+            if more:
+                lw.pool.submit((), {}, self._drainer_failed)
+            ran = True
             t0 = clock()
             try:
                 value = fn(msg)
