@@ -31,6 +31,7 @@ from meshmq.patterns._pool import Pool, describe_error
 
 from meshmq._codec import decode, encode
 from meshmq._dispatch import HandlerSpec, is_async
+from meshmq._envelope import message_ids
 from meshmq._errors import Backpressure, ConfigError, DecodeError, EncodeError, MeshTimeout
 from meshmq._message import Message, wire_message
 from meshmq._peers import PeerInfo
@@ -129,7 +130,9 @@ class Pipelines:
         # A full queue lets pushers in again once it has drained to this level, not at every
         # ack: one wake-up per batch instead of a GIL ping-pong per task.
         self._resume_at = max(0, max_backlog - max(1, max_backlog // 8))
-        self._ids = itertools.count(1)
+        # Task ids "<node id>-t<hex counter>", made under _lock: the generator behind
+        # message_ids is not safe to advance from two threads at once.
+        self._tids = message_ids(f"{node.id}-t")
         self._order = itertools.count()
         self._queue_ok: set[str] = set()      # queue names push() has already checked
         # Hand-offs to the I/O thread. Any thread appends; the I/O thread pops until empty.
@@ -280,35 +283,52 @@ class Pipelines:
         if len(payload) > node.max_message_bytes:
             raise EncodeError(f"task body of {len(payload)} bytes is over max_message_bytes="
                               f"{node.max_message_bytes}")
-        with self._lock:
+        # acquire/release, not ``with``: half the cost (~0.2 us against ~0.5 us on 3.11),
+        # and push() is the pusher's hot path; the try/finally costs nothing until it raises.
+        lock = self._lock
+        lock.acquire()
+        try:
             n = self._outstanding.get(queue, 0)
             if n >= self.max_backlog:
-                if not block:
-                    self.counters["backpressure_rejects"] += 1
-                    raise Backpressure(f"queue {queue!r} has {n} tasks outstanding "
-                                       f"(max_backlog={self.max_backlog})")
-                self._waiters += 1
-                try:
-                    ok = self._cv.wait_for(
-                        lambda: self._outstanding.get(queue, 0) <= self._resume_at
-                        or not node.running, timeout)
-                finally:
-                    self._waiters -= 1
-                if not ok:
-                    raise MeshTimeout(f"queue {queue!r} stayed full for {timeout}s")
-                node._require_running()
-                n = self._outstanding.get(queue, 0)
+                n = self._wait_for_room(queue, n, block, timeout)
             self._outstanding[queue] = n + 1
             self.counters["tasks_pushed"] += 1
-        tid = task_id or f"{node.id}-t{next(self._ids):x}"
+            if task_id:
+                tid = task_id
+                size += len(tid.encode())
+            else:
+                tid = next(self._tids)
+                size += len(tid)   # ASCII: a hex node id and counter
+        finally:
+            lock.release()
         self._inbox.append(_Task(tid, queue, payload, headers or {}, key, next(self._order),
-                                 on_done, size + len(payload) + len(tid.encode())))
+                                 on_done, size + len(payload)))
         if not self._inbox_armed:
             self._inbox_armed = True
             engine = node.engine
             assert engine is not None
             engine.call(self._take_inbox)
         return tid
+
+    def _wait_for_room(self, queue: str, n: int, block: bool, timeout: float | None) -> int:
+        """push() on a full queue, under _lock: wait until it drained to the resume level,
+        or raise; return the queue's count of outstanding tasks then."""
+        node = self.node
+        if not block:
+            self.counters["backpressure_rejects"] += 1
+            raise Backpressure(f"queue {queue!r} has {n} tasks outstanding "
+                               f"(max_backlog={self.max_backlog})")
+        self._waiters += 1
+        try:
+            ok = self._cv.wait_for(
+                lambda: self._outstanding.get(queue, 0) <= self._resume_at
+                or not node.running, timeout)
+        finally:
+            self._waiters -= 1
+        if not ok:
+            raise MeshTimeout(f"queue {queue!r} stayed full for {timeout}s")
+        node._require_running()
+        return self._outstanding.get(queue, 0)
 
     def wait_done(self, queue: str | None, timeout: float | None) -> bool:
         """Block until every task pushed (to ``queue``, or to any) is acknowledged."""
@@ -580,18 +600,31 @@ class Pipelines:
         peer = engine.peers.get(pid)
         source = peer.info.name if peer else pid
         now = time.time()
-        run = self._run
+        if lw is None or not lw.threaded:
+            for entry in entries:
+                if type(entry) is not list or len(entry) < 5 or type(entry[0]) is not str:
+                    engine.malformed += 1
+                elif lw is None:
+                    self._refuse(pid, qname, entry[0])
+                else:
+                    tid, att, key, headers, body = entry[:5]
+                    self._run(lw, qname, tid, att, key, headers or {}, body, source, pid, now)
+            return
+        # The hot loop: _run's work inline (two calls less a task), for a sync worker.
+        append = lw.ready.append
         for entry in entries:
             if type(entry) is not list or len(entry) < 5 or type(entry[0]) is not str:
                 engine.malformed += 1
                 continue
-            if lw is None:
-                self._refuse(pid, qname, entry[0])
-                continue
             tid, att, key, headers, body = entry[:5]
-            run(lw, qname, tid, att, key, headers or {}, body, source, pid, now)
-        if lw is not None:
-            self._start(lw)   # once for the batch: one look at the drainers, not one a task
+            try:
+                body = decode(body)
+            except DecodeError as exc:
+                self._complete(pid, qname, tid, False, describe_error(exc))
+                continue
+            append(wire_message(qname, body, headers or {}, tid, source, pid, 0, now, 0, att,
+                                key))
+        self._start(lw)   # once for the batch: one look at the drainers, not one a task
 
     def _refuse(self, pid: str, qname: str, tid: str) -> None:
         engine = self.node.engine
@@ -645,6 +678,7 @@ class Pipelines:
         """
         ready, lock, emit, limit = lw.ready, lw.lock, lw.emit, lw.concurrency
         pop, acked = ready.popleft, self._acked_out
+        acquire, release = lock.acquire, lock.release
         clock = time.perf_counter
         ran = False
         while True:
@@ -661,7 +695,8 @@ class Pipelines:
                         return
                 more = False
             else:
-                with lock:
+                acquire()   # not ``with``: see push()
+                try:
                     if ran:
                         lw.free += 1
                     if not ready:
@@ -676,6 +711,8 @@ class Pipelines:
                     if more:
                         lw.drainers += 1
                         lw.free += 1
+                finally:
+                    release()
             if more:
                 lw.pool.submit((), {}, self._drainer_failed)
             ran = True
