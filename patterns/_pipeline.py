@@ -742,7 +742,8 @@ class Pipelines:
     def _outcome(self, lw: _LocalWorker, msg: Message, ok: bool, value: Any) -> None:
         """A handler thread's report of one task, other than a plain success of a worker
         that emits nothing: a failure, or a result to pass to the next stage."""
-        self.counters["tasks_worked"] += 1
+        with self._lock:   # handler threads and the I/O thread (_send_acks) all count
+            self.counters["tasks_worked"] += 1
         queue, tid, source_id, emit = msg.topic, msg.id, msg.source_id, lw.emit
         if ok and emit is not None:
             # Chained acknowledgement: the task stays unacknowledged upstream until the
@@ -801,7 +802,9 @@ class Pipelines:
                 last_to, last_queue = m.source_id, m.topic
                 ids = groups.setdefault((m.source_id, m.topic), [])
             ids.append(m.id)
-        self.counters["tasks_worked"] += n
+        if n:
+            with self._lock:   # see _outcome
+                self.counters["tasks_worked"] += n
         pop, batching = self._outbox.popleft, self._batch_pushers
         while True:
             try:
