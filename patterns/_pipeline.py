@@ -719,24 +719,27 @@ class Pipelines:
             t0 = clock()
             try:
                 value = fn(msg)
+                ok = True
             except Exception as exc:  # noqa: BLE001 - a handler's failure is data
-                lw.busy += clock() - t0
-                lw.done += 1
-                self._outcome(lw, msg, False, exc)
-                continue
+                value, ok = exc, False
             lw.busy += clock() - t0
             lw.done += 1
-            if emit is None:
+            if ok and emit is None:
                 # The common case: a plain success. The Message itself is the ack's record;
                 # _send_acks counts it in tasks_worked and batches it per pusher.
                 acked.append(msg)
                 if not self._outbox_armed:
                     self._arm_outbox()
-            else:
-                self._outcome(lw, msg, True, value)
+                continue
+            try:
+                self._outcome(lw, msg, ok, value)
+            except Exception:  # noqa: BLE001 - a drainer must live on: its count is kept
+                # As the pool does for a failed report: the task stays unacknowledged (the
+                # pusher redelivers it if this worker leaves), the other tasks go on.
+                log.exception("reporting the outcome of task %s failed", msg.id)
 
     def _drainer_failed(self, ok: bool, value: Any) -> None:
-        if not ok:   # a bug, not a handler's failure (those are caught per task)
+        if not ok:   # a bug: handlers' failures and failed reports are caught per task
             log.error("a pipeline drainer failed", exc_info=value)
 
     def _outcome(self, lw: _LocalWorker, msg: Message, ok: bool, value: Any) -> None:

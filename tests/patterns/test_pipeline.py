@@ -193,6 +193,32 @@ def test_blocking_handlers_run_concurrency_at_once_and_never_more(
     assert worker.stats()["tasks_worked"] == 30
 
 
+def test_a_failure_that_cannot_be_reported_does_not_stop_the_worker(
+        make_node: Callable[..., Node]) -> None:
+    # An exception whose str() raises cannot be described for its ack: that task stays
+    # unacknowledged, but the worker's thread (one, here) goes on with the next tasks.
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    vent = make_node("vent")
+    worker = make_node("w", peers=[vent.address])
+    got: list[int] = []
+
+    @worker.worker("odd", concurrency=1)
+    def work(msg: Message) -> None:
+        if msg.body == 0:
+            raise Unprintable
+        got.append(msg.body)
+
+    vent.wait_for_workers("odd")
+    for i in range(10):
+        vent.push("odd", i)
+    wait_until(lambda: vent.stats()["tasks_completed"] == 9, 10.0, what="9 acks")
+    assert sorted(got) == list(range(1, 10))
+    assert vent.stats()["tasks_inflight"] == 1
+
+
 def test_bad_push_arguments_fail_at_the_caller_and_the_node_keeps_working(
         make_node: Callable[..., Node]) -> None:
     from meshmq import ConfigError, EncodeError
