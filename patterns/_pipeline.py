@@ -12,7 +12,9 @@ the I/O thread only when it is not already due to drain it; tasks going to one w
 travel in one ``tasks`` message, and completions a worker's handlers finish while its I/O thread
 is busy go back in one ``acks`` message (each still only after its handler returned). Both
 batched forms go only to peers known to accept them (docs/PROTOCOL.md 12.8); everything else
-uses the single ``task`` / ``ack`` forms.
+uses the single ``task`` / ``ack`` forms. On the working side a sync handler's tasks wait in a
+FIFO that "drainer" jobs of the worker's pool empty, started one at a time as handlers are
+entered (``Pipelines._drainer``), rather than as one pool job each.
 """
 
 from __future__ import annotations
