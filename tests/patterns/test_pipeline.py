@@ -161,6 +161,64 @@ def test_local_worker_and_async_worker(make_node: Callable[..., Node]) -> None:
     assert sorted(bodies) == [0, 1, 2]
 
 
+@pytest.mark.parametrize("local", [False, True], ids=["remote", "local"])
+def test_blocking_handlers_run_concurrency_at_once_and_never_more(
+        make_node: Callable[..., Node], local: bool) -> None:
+    # A sync worker's threads are started one at a time, as tasks wait (see
+    # Pipelines._drainer): handlers that block must still reach `concurrency` at once (the
+    # barrier breaks otherwise), and never exceed it.
+    vent = make_node("vent")
+    worker = vent if local else make_node("w", peers=[vent.address])
+    barrier = threading.Barrier(6, timeout=5)
+    lock = threading.Lock()
+    running = [0, 0]   # now, most ever
+
+    @worker.worker("wave", concurrency=6, max_attempts=1)
+    def work(msg: Message) -> None:
+        with lock:
+            running[0] += 1
+            running[1] = max(running)
+        try:
+            barrier.wait()
+        finally:
+            with lock:
+                running[0] -= 1
+
+    vent.wait_for_workers("wave")
+    for i in range(30):   # five waves of six
+        vent.push("wave", i)
+    vent.wait_for_tasks("wave", timeout=20)
+    assert running[1] == 6
+    assert vent.stats()["deadlettered"] == 0 and not barrier.broken
+    assert worker.stats()["tasks_worked"] == 30
+
+
+def test_a_failure_that_cannot_be_reported_does_not_stop_the_worker(
+        make_node: Callable[..., Node]) -> None:
+    # An exception whose str() raises cannot be described for its ack: that task stays
+    # unacknowledged, but the worker's thread (one, here) goes on with the next tasks.
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    vent = make_node("vent")
+    worker = make_node("w", peers=[vent.address])
+    got: list[int] = []
+
+    @worker.worker("odd", concurrency=1)
+    def work(msg: Message) -> None:
+        if msg.body == 0:
+            raise Unprintable
+        got.append(msg.body)
+
+    vent.wait_for_workers("odd")
+    for i in range(10):
+        vent.push("odd", i)
+    wait_until(lambda: vent.stats()["tasks_completed"] == 9, 10.0, what="9 acks")
+    assert sorted(got) == list(range(1, 10))
+    assert vent.stats()["tasks_inflight"] == 1
+
+
 def test_bad_push_arguments_fail_at_the_caller_and_the_node_keeps_working(
         make_node: Callable[..., Node]) -> None:
     from meshmq import ConfigError, EncodeError
