@@ -64,6 +64,7 @@ def marker_topic(node_id: str, version: int) -> bytes:
     return _MARK + node_id.encode() + _SV.pack(version & 0xFFFFFFFF)
 
 
+DEPARTED_MAX = 4096   # ids of peers that said bye, remembered (Engine._departed)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _NB = zio.NOBLOCK
@@ -136,6 +137,9 @@ class Engine:
         self.error: BaseException | None = None
         self.address = ""
         self._stopping = False
+        # ids of peers that said bye (newest last, at most DEPARTED_MAX): node ids are never
+        # reused, so a hello or welcome from one is a stray from the pair's other connection
+        self._departed: dict[str, None] = {}
         self._links: dict[str, _Link] = {}
         self._chans: dict[int, _Chan] = {}      # by ZMQ_FD: the router and every link
         self._hot: list[_Chan] = []             # to drain again without waiting (I/O thread)
@@ -694,6 +698,8 @@ class Engine:
                 peer.last_seen = now
                 handler(fields, known)  # type: ignore[arg-type]
             return
+        if kind in (CtlKind.HELLO, CtlKind.WELCOME) and info.id in self._departed:
+            return   # said bye; this was sent before it, on the other connection (section 9)
         if kind == CtlKind.HELLO:
             if info.id == self.node.id:
                 return
@@ -724,6 +730,9 @@ class Engine:
         elif kind == CtlKind.PING:
             self.peers[known].last_seen = now
         elif kind == CtlKind.BYE:
+            self._departed[known] = None
+            if len(self._departed) > DEPARTED_MAX:
+                del self._departed[next(iter(self._departed))]
             self._remove_peer(known, "goodbye")
         elif kind == CtlKind.RESET:
             # the peer restarted and no longer knows us: forget it and say hello again

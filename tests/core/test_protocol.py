@@ -491,6 +491,11 @@ def test_doc_peer_dials_a_node() -> None:
         peer.send("bye", {"id": peer.id})
         wait_until(lambda: node.stats()["peers"] == 0, 3.0, what="the node to drop us")
         assert node.stats()["peer_leaves"] == 1
+        # 9: a hello from an id that said bye is a stray overtaken by the bye: ignored
+        joins = node.stats()["peer_joins"]
+        peer.send("hello", peer.offer())
+        assert not peer.dealer.poll(300), "a departed id was welcomed again"
+        assert node.stats()["peers"] == 0 and node.stats()["peer_joins"] == joins
 
         # 15: every stats key is documented
         table = doc_section(15)
