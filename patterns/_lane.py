@@ -23,6 +23,7 @@ lane, go on the control path; peer liveness, retries and timeouts stay the contr
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import threading
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from meshmq._node import Node
 
 __all__ = ["HAVE_LANE", "LaneCaller", "LaneCallers", "LaneServer", "wake"]
+
+log = logging.getLogger("meshmq")
 
 HAVE_LANE = hasattr(os, "eventfd")   # Linux; elsewhere every call takes the control path
 #: lane DEALERs a node keeps open at most (threads x servers); past it, calls take the
@@ -64,6 +67,17 @@ def wake(fd: int) -> None:
         os.eventfd_write(fd, 1)
     except OSError:
         pass  # the counter is full of wake-ups already
+
+
+def _heartbeats(sock: zmq.Socket[Any], node: Node) -> None:
+    """ZMTP heartbeats on a lane socket, at the node's heartbeat pace: a lane connection that
+    died silently (a NAT or firewall dropping an idle flow while the control connection's pings
+    keep that one) is noticed and dropped, and an IMMEDIATE DEALER then refuses to send, so
+    calls go on the control socket until it reconnects."""
+    t = node.timing
+    sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(t.heartbeat_interval * 1000)))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(t.peer_timeout * 1000)))
+    sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(t.peer_timeout * 1000)))
 
 
 def _drain_fd(fd: int) -> None:
@@ -98,6 +112,7 @@ class LaneServer:
                  max_threads: Callable[[], int]) -> None:
         self.sock = zio.new_socket(node.ctx, zmq.ROUTER, linger=0,
                                    max_bytes=2 * node.max_message_bytes, hwm=node.hwm)
+        _heartbeats(self.sock, node)
         port = zio.split_endpoint(zio.bind(self.sock, node.host, 0))[1]
         self.advertised = f"tcp://{node.host}:{port}"
         self.fd: int = self.sock.getsockopt(zmq.FD)  # type: ignore[assignment]
@@ -168,9 +183,14 @@ class LaneServer:
         return True
 
     def _run(self) -> None:
+        me = threading.get_ident()
         try:
             self._lead_or_follow()
         finally:
+            with self.cond:
+                if self.leader == me:   # only if something raised: let another lead
+                    self.leader = 0
+                    self.cond.notify()
             with self.slock:
                 self.live -= 1
                 self._close_fd()
@@ -191,28 +211,39 @@ class LaneServer:
             if not self._follow(me):
                 return
         while True:
-            job = self._read(poller)
+            try:
+                job = self._read(poller)
+            except Exception:  # noqa: BLE001 - the lane must outlive any one call
+                log.exception("the RPC lane failed to read a call; going on")
+                continue
             if job is None:   # closed
                 with cond:
                     self.leader = 0
                     cond.notify_all()
                 return
             now = time.monotonic()
-            self.last_call = now
+            idle = now - self.last_call
+            self.last_call = now        # before the look at hot below (see _follow)
             self.running_since = now
-            if not self.hot or (self.followers == 0
-                                and len(self.threads) < self._max_threads()):
+            if not self.hot or idle > IDLE_AFTER / 2 or (
+                    self.followers == 0 and len(self.threads) < self._max_threads()):
                 with cond:
+                    # A standby that found the lane idle may be turning cold right now: under
+                    # the lock it either sees last_call fresh, or we see hot off and notify.
                     if not self.hot:
                         self.hot = True
-                        cond.notify()      # a follower stands by from now on
+                    cond.notify()          # a follower stands by from now on
                     if self.followers == 0 and len(self.threads) < self._max_threads():
                         self._spawn()      # one to stand by while this one runs handlers
             self.inline += 1
-            self._run_job(job)
+            try:
+                self._run_job(job)
+            except Exception:  # noqa: BLE001 - as above; the caller times out
+                log.exception("the RPC lane failed to run or answer a call; going on")
             with cond:   # one step with a standby's look at running_since: one reader
-                self.running_since = 0.0
-                if self.leader != me and not self._follow(me):
+                if self.leader == me:
+                    self.running_since = 0.0   # not when a standby took over: it is its own
+                elif not self._follow(me):
                     return
 
     def _read(self, poller: Any) -> tuple[Any, ...] | None:
@@ -299,7 +330,8 @@ class LaneServer:
 class LaneCaller:
     """One thread's lane state: its eventfd and its DEALER to each server's lane."""
 
-    __slots__ = ("closed", "fd_open", "ident", "lock", "sent", "socks", "thread", "wake_fd")
+    __slots__ = ("closed", "fd_open", "gen", "ident", "lock", "sent", "socks", "thread",
+                 "wake_fd")
 
     def __init__(self) -> None:
         self.thread = threading.current_thread()
@@ -310,6 +342,7 @@ class LaneCaller:
         self.socks: dict[str, tuple[zmq.Socket[Any], Any]] = {}   # endpoint -> (DEALER, poll)
         self.closed = False
         self.sent = 0                  # calls this thread sent on a lane
+        self.gen = 0                   # LaneCallers.gen when socks was last pruned
 
     def wake(self) -> None:
         """Wake this thread if it polls its lane (any thread; never after close)."""
@@ -334,11 +367,15 @@ class LaneCallers:
     """Every thread's LaneCaller of one node: made on a thread's first call, closed when the
     thread is found dead or the node stops."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, live: Callable[[], set[str]]) -> None:
         self.node = node
         self.lock = threading.Lock()
         self.callers: dict[int, LaneCaller] = {}
         self.nsocks = 0
+        # bumped when a peer leaves: each caller then closes its DEALERs to lanes that are no
+        # peer's any more (``live()``), before its next send
+        self.gen = 0
+        self._live = live
         self.closed = False
         self.local = threading.local()
 
@@ -365,6 +402,8 @@ class LaneCallers:
         with caller.lock:
             if caller.closed:
                 return None
+            if caller.gen != self.gen:
+                self._prune(caller)
             entry = caller.socks.get(endpoint)
             if entry is None:
                 with self.lock:
@@ -375,6 +414,7 @@ class LaneCallers:
                 sock = zio.new_socket(node.ctx, zmq.DEALER, linger=0,
                                       max_bytes=2 * node.max_message_bytes, hwm=node.hwm)
                 sock.setsockopt(zmq.IMMEDIATE, 1)   # queue only on a completed connection
+                _heartbeats(sock, node)
                 zio.connect(sock, endpoint)
                 poller = select.poll()
                 poller.register(sock.getsockopt(zmq.FD), select.POLLIN)  # type: ignore[arg-type]
@@ -386,6 +426,17 @@ class LaneCallers:
                 return None   # no connection yet (the first call), or the queue is full
             caller.sent += 1
         return entry
+
+    def _prune(self, caller: LaneCaller) -> None:
+        """Close ``caller``'s DEALERs to lanes no live peer has (under caller.lock)."""
+        caller.gen = self.gen   # first: a peer leaving meanwhile bumps it again
+        live = self._live()
+        gone = [ep for ep in caller.socks if ep not in live]
+        for ep in gone:
+            caller.socks.pop(ep)[0].close()
+        if gone:
+            with self.lock:
+                self.nsocks -= len(gone)
 
     def wait(self, caller: LaneCaller, entry: tuple[zmq.Socket[Any], Any], call: Any,
              on_frame: Callable[[Any, bytes], bool], deadline: float) -> None:

@@ -37,9 +37,21 @@ class Abandoned(MeshTimeout):
 
 
 def describe_error(exc: BaseException) -> dict[str, str]:
-    """An exception as data: type name, message, traceback text. Never pickled, never imported."""
-    return {"type": type(exc).__qualname__, "message": str(exc),
-            "traceback": "".join(traceback.format_exception(exc))}
+    """An exception as data: type name, message, traceback text. Never pickled, never imported.
+
+    Never raises: an exception whose ``str()`` (or traceback) raises is described as
+    unprintable, so reporting a handler's failure cannot kill the thread that reports it.
+    """
+    name = type(exc).__qualname__
+    try:
+        message = str(exc)
+    except Exception:  # noqa: BLE001 - a broken __str__ is the handler's bug, not ours
+        message = f"<unprintable {name}>"
+    try:
+        text = "".join(traceback.format_exception(exc))
+    except Exception:  # noqa: BLE001
+        text = f"{name}: {message}\n"
+    return {"type": name, "message": message, "traceback": text}
 
 
 class _Worker:

@@ -75,7 +75,7 @@ class Rpc:
         # the lane (see _lane.py): served here once a service is bound; callers' DEALERs
         self.use_lane = HAVE_LANE and getattr(node, "rpc_lane", True)
         self.lane: LaneServer | None = None
-        self.lanes = LaneCallers(node)
+        self.lanes = LaneCallers(node, self._live_lanes)
 
     # ---- plugin hooks -----------------------------------------------------------------------
     def bind(self, node: Node, spec: HandlerSpec, fn: Callable[..., Any]) -> bool:
@@ -90,6 +90,15 @@ class Rpc:
             self.lane = LaneServer(node, self._serve_lane, self._run_lane, self._lane_threads)
             node.extra_endpoints["rpc"] = self.lane.advertised
         return True
+
+    def _live_lanes(self) -> set[str]:
+        """The lane endpoints of the peers alive now."""
+        engine = self.node.engine
+        if engine is None:
+            return set()
+        with self.node.state_lock:
+            return {ep for p in engine.peers.values()
+                    if (ep := p.info.endpoints.get("rpc")) is not None}
 
     def _lane_threads(self) -> int:
         # one reader per handler that can run at once, and one to read while they all do
@@ -142,6 +151,7 @@ class Rpc:
         # scan below cannot pick this one, and one that picked it before is in pending.
         self._servers_cache = {}
         self._lane_eps = {}
+        self.lanes.gen += 1   # callers close their DEALERs to lanes no peer has any more
         with self.lock:
             gone = [c for c in self.pending.values() if c.server == info.id]
             for call in gone:
@@ -341,7 +351,8 @@ class Rpc:
                 entry = self.lanes.send(caller, endpoint, payload)
                 if entry is not None:
                     call.lane, call.entry = caller, entry
-                    self.counters["calls_lane"] += 1
+                    with self.lock:   # callers run on many threads
+                        self.counters["calls_lane"] += 1
                     return
         if batch is not None:
             batch.send(engine, server, payload)

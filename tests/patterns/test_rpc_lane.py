@@ -42,7 +42,13 @@ def test_sync_calls_take_the_lane_once_it_is_connected(make_node: Callable[..., 
     assert "rpc" in server.extra_endpoints
     _lane_ready(client, "echo")
     lane0, served0 = client.stats()["calls_lane"], server.stats()["calls_served_lane"]
-    assert [client.call("echo", i, timeout=5) for i in range(50)] == list(range(50))
+    took = []
+    for i in range(50):
+        t0 = time.monotonic()
+        assert client.call("echo", i, timeout=5) == i
+        took.append(time.monotonic() - t0)
+    # a lost wake-up would still end, at the next 1 s look at the socket: none took that long
+    assert max(took) < 0.5, max(took)
     assert client.stats()["calls_lane"] - lane0 == 50
     assert server.stats()["calls_served_lane"] - served0 == 50
     assert client.stats()["calls_pending"] == 0
@@ -351,3 +357,90 @@ def test_calls_back_and_forth_between_two_servers_do_not_deadlock(
     # after the first calls, the nested ones went on lanes too
     assert a.stats()["calls_lane"] > 0 and b.stats()["calls_lane"] > 0
     assert a.stats()["calls_served_lane"] > 0
+
+
+def test_a_standby_takes_over_from_a_second_slow_handler_too(
+        make_node: Callable[..., Node]) -> None:
+    """A reader whose handler ends after another thread took over the reading must not clear
+    the new reader's start time: a third call behind the second, slow one is read in ms."""
+    client = make_node("client")
+    server = make_node("server", peers=[client.address])
+    slow_started, slow_done = threading.Event(), threading.Event()
+
+    @server.rpc("svc", concurrency=3)
+    def svc(what: str) -> str:
+        if what == "first":
+            slow_started.wait(10)    # ends once "slow" runs (on the thread that took over)
+        elif what == "slow":
+            slow_started.set()
+            slow_done.wait(10)
+        return what
+
+    client.wait_for_servers("svc", timeout=5)
+    results: dict[str, Any] = {}
+
+    def call(what: str) -> None:
+        _lane_ready(client, "svc", "quick")
+        results[what] = client.call("svc", what, timeout=10)
+
+    first = threading.Thread(target=call, args=("first",))
+    first.start()
+    wait_until(lambda: server._rpc.lane is not None and server._rpc.lane.running_since > 0,
+               timeout=5, what="first running")
+    slow = threading.Thread(target=call, args=("slow",))
+    slow.start()
+    first.join(10)
+    assert results.get("first") == "first" and slow_started.is_set()
+    _lane_ready(client, "svc", "quick")
+    t0 = time.monotonic()
+    assert client.call("svc", "quick", timeout=5) == "quick"
+    assert time.monotonic() - t0 < 1.0   # not held until "slow" ends
+    slow_done.set()
+    slow.join(10)
+    assert results.get("slow") == "slow"
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+def test_a_handler_error_that_cannot_be_printed_does_not_stop_the_lane(
+        make_node: Callable[..., Node]) -> None:
+    client = make_node("client")
+    server = make_node("server", peers=[client.address])
+
+    @server.rpc("odd", concurrency=1)
+    def odd(x: int) -> int:
+        if x < 0:
+            raise Unprintable()
+        return x
+
+    client.wait_for_servers("odd", timeout=5)
+    _lane_ready(client, "odd", 1)
+    served = server.stats()["calls_served_lane"]
+    for _ in range(3):
+        with pytest.raises(RemoteError) as info:
+            client.call("odd", -1, timeout=5)
+        assert info.value.type_name == "Unprintable"
+        assert "unprintable" in info.value.message
+    assert client.call("odd", 7, timeout=5) == 7
+    assert server.stats()["calls_served_lane"] - served == 4
+
+
+def test_lane_sockets_to_servers_that_left_are_closed(make_node: Callable[..., Node]) -> None:
+    client = make_node("client")
+    lanes = client._rpc.lanes
+    for i in range(4):
+        server = make_node(f"server{i}", peers=[client.address])
+
+        @server.rpc("echo")
+        def echo(x: Any) -> Any:
+            return x
+
+        client.wait_for_servers("echo", timeout=5)
+        _lane_ready(client, "echo")
+        server.stop()
+        wait_until(lambda: client.servers_for("echo") == 0, timeout=5, what="server gone")
+    # one DEALER per live server at most: the ones to servers that left were closed
+    assert lanes.nsocks <= 1, lanes.nsocks
