@@ -263,7 +263,7 @@ def test_stopping_the_node_wakes_a_caller_waiting_on_the_lane(
     assert time.monotonic() - t0 < 5
 
 
-def test_server_killed_mid_call_on_the_lane_is_retried(make_node: Callable[..., Node]) -> None:
+def test_server_leaving_mid_call_on_the_lane_is_retried(make_node: Callable[..., Node]) -> None:
     client = make_node("client")
     s1 = make_node("s1", peers=[client.address])
     s2 = make_node("s2", peers=[client.address])
@@ -282,27 +282,28 @@ def test_server_killed_mid_call_on_the_lane_is_retried(make_node: Callable[..., 
 
     client.wait_until(lambda: sum("idem" in p.services for p in client.peers()) == 2, 5,
                       "two servers")
-    # connect this thread's lanes to both servers
-    wait_until(lambda: {client.call("idem", 0, timeout=5) for _ in range(4)} == {"s1", "s2"}
-               and client.stats()["calls_lane"] >= 4, timeout=5, what="lanes to both")
-    result: list[Any] = []
-    threads: list[threading.Thread] = []
-    for _ in range(4):   # round-robin: the slow call lands on s1 within two tries
-        t = threading.Thread(target=lambda: result.append(
-            client.call("idem", 1, timeout=10, retry=True)))
-        threads.append(t)
-        t.start()
-        wait_until(lambda: started.is_set() or not threads[-1].is_alive(), timeout=10,
-                   what="the call")
-        if started.is_set():
-            break
-        t.join(10)
-        result.clear()
-    assert started.is_set()
+    outcome: dict[str, Any] = {}
+
+    def caller() -> None:
+        lane = client._rpc.lanes.mine()
+        assert lane is not None
+        # this thread's lanes to both servers connected: calls alternate between them
+        wait_until(lambda: client.call("idem", 0, timeout=5) is not None
+                   and len(lane.socks) == 2 and lane.sent >= 4, timeout=5, what="two lanes")
+        for _ in range(4):   # round-robin: the slow call lands on s1 within two tries
+            before = lane.sent
+            got = client.call("idem", 1, timeout=10, retry=True)
+            if started.is_set():
+                outcome.update(result=got, on_lane=lane.sent > before)
+                return
+
+    t = threading.Thread(target=caller)
+    t.start()
+    assert started.wait(10)
     s1.stop(timeout=0.2)   # leaves (bye) with the call running: the caller retries on s2
     t.join(10)
     gate.set()
-    assert result == ["s2"]
+    assert outcome == {"result": "s2", "on_lane": True}
     assert client.stats()["calls_retried"] >= 1
 
 
