@@ -193,10 +193,11 @@ def test_blocking_handlers_run_concurrency_at_once_and_never_more(
     assert worker.stats()["tasks_worked"] == 30
 
 
-def test_a_failure_that_cannot_be_reported_does_not_stop_the_worker(
+def test_a_failure_that_cannot_be_printed_is_reported_and_the_worker_goes_on(
         make_node: Callable[..., Node]) -> None:
-    # An exception whose str() raises cannot be described for its ack: that task stays
-    # unacknowledged, but the worker's thread (one, here) goes on with the next tasks.
+    # An exception whose str() raises is described as unprintable (describe_error never
+    # raises): the task fails, is retried and dead-lettered like any other, and the worker's
+    # only thread goes on with the next tasks.
     class Unprintable(Exception):
         def __str__(self) -> str:
             raise RuntimeError("no text")
@@ -204,8 +205,10 @@ def test_a_failure_that_cannot_be_reported_does_not_stop_the_worker(
     vent = make_node("vent")
     worker = make_node("w", peers=[vent.address])
     got: list[int] = []
+    dead = Collector()
+    vent.subscribe("deadletter.odd")(dead)
 
-    @worker.worker("odd", concurrency=1)
+    @worker.worker("odd", concurrency=1, max_attempts=2)
     def work(msg: Message) -> None:
         if msg.body == 0:
             raise Unprintable
@@ -214,9 +217,13 @@ def test_a_failure_that_cannot_be_reported_does_not_stop_the_worker(
     vent.wait_for_workers("odd")
     for i in range(10):
         vent.push("odd", i)
-    wait_until(lambda: vent.stats()["tasks_completed"] == 9, 10.0, what="9 acks")
+    wait_until(lambda: vent.stats()["tasks_completed"] == 10, 10.0, what="10 finished")
     assert sorted(got) == list(range(1, 10))
-    assert vent.stats()["tasks_inflight"] == 1
+    assert vent.stats()["deadlettered"] == 1 and vent.stats()["tasks_inflight"] == 0
+    (letter,) = dead.wait(1, timeout=5)
+    errors = letter.body["errors"]
+    assert [e["type"].rsplit(".", 1)[-1] for e in errors] == ["Unprintable", "Unprintable"]
+    assert "unprintable" in errors[0]["message"]
 
 
 def test_bad_push_arguments_fail_at_the_caller_and_the_node_keeps_working(
