@@ -386,8 +386,10 @@ def test_a_standby_takes_over_from_a_second_slow_handler_too(
 
     first = threading.Thread(target=call, args=("first",))
     first.start()
-    wait_until(lambda: server._rpc.lane is not None and server._rpc.lane.running_since > 0,
-               timeout=5, what="first running")
+    lane = server._rpc.lane
+    assert lane is not None
+    # "first" runs on the lane's reader; 2 ms on, a standby takes over the reading
+    wait_until(lambda: lane.handovers >= 1, timeout=5, what="first running, reading handed over")
     slow = threading.Thread(target=call, args=("slow",))
     slow.start()
     first.join(10)
