@@ -385,15 +385,24 @@ class LaneCallers:
             return None if caller.closed else caller
         if not HAVE_LANE:
             return None
+        self.prune_dead()
         with self.lock:
             if self.closed:
                 return None
-            dead = [k for k, c in self.callers.items() if not c.thread.is_alive()]
-            for k in dead:
-                self.nsocks -= self.callers.pop(k).close()
             caller = self.callers[threading.get_ident()] = LaneCaller()
         self.local.caller = caller
         return caller
+
+    def prune_dead(self) -> None:
+        """Close the sockets and eventfds of threads that ended (any thread; the node's I/O
+        thread does it every second, and a thread's first call)."""
+        with self.lock:
+            gone = [self.callers.pop(k) for k, c in list(self.callers.items())
+                    if not c.thread.is_alive()]
+        n = sum(c.close() for c in gone)   # outside self.lock: close takes the caller's lock
+        if n:
+            with self.lock:
+                self.nsocks -= n
 
     def send(self, caller: LaneCaller, endpoint: str, payload: bytes
              ) -> tuple[zmq.Socket[Any], Any] | None:

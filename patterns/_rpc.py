@@ -76,6 +76,7 @@ class Rpc:
         self.use_lane = HAVE_LANE and getattr(node, "rpc_lane", True)
         self.lane: LaneServer | None = None
         self.lanes = LaneCallers(node, self._live_lanes)
+        self._next_prune = 0.0
 
     # ---- plugin hooks -----------------------------------------------------------------------
     def bind(self, node: Node, spec: HandlerSpec, fn: Callable[..., Any]) -> bool:
@@ -168,7 +169,11 @@ class Rpc:
                     "idempotent calls)"))
 
     def tick(self, now: float) -> None:
-        """Fail parked calls whose deadline passed (no server appeared)."""
+        """Fail parked calls whose deadline passed (no server appeared); once a second, close
+        the lane sockets of calling threads that ended."""
+        if now >= self._next_prune:
+            self._next_prune = now + 1.0
+            self.lanes.prune_dead()
         if self.parked:
             with self.lock:
                 expired = [c for c in self.parked if now >= c.deadline]

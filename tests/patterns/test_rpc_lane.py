@@ -224,10 +224,9 @@ def test_threads_that_ended_give_their_lane_sockets_back(make_node: Callable[...
     go.set()
     for t in threads:
         t.join(10)
-    assert lanes.nsocks == 3
-    _lane_ready(client, "echo")   # a new thread's first call prunes the dead threads'
-    assert lanes.nsocks == 1
-    assert len(lanes.callers) == 1
+    # the node's I/O thread closes the ended threads' sockets within about a second
+    wait_until(lambda: lanes.nsocks == 0 and not lanes.callers, timeout=5,
+               what="the ended threads' lane sockets closed")
 
 
 def test_stopping_the_node_wakes_a_caller_waiting_on_the_lane(
