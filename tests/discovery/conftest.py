@@ -363,9 +363,9 @@ def local() -> Iterator[Callable[..., tuple[MdnsDiscovery, Recorder, Advert]]]:
 
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail any attempt to open a socket: for tests that hand non-loopback addresses (0.0.0.0,
-    224.0.0.251, LAN addresses) to code that must reject or merely sort them, this proves they
-    never reach the network."""
+    """Fail any attempt to open a socket: for tests that hand non-loopback addresses (the
+    unspecified address, a multicast group, LAN addresses) to code that must reject or merely
+    sort them, this proves they never reach the network."""
     import socket
 
     def refuse(*args: Any, **kwargs: Any) -> None:

@@ -7,6 +7,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from ipaddress import IPv4Address
 from typing import Any
 
 import pytest
@@ -255,10 +256,11 @@ def test_bad_start_arguments(
     d.stop()
 
 
-@pytest.mark.parametrize("bad", [["0.0.0.0"], ["224.0.0.251"], ["not-an-ip"], []])
+@pytest.mark.parametrize("bad", [[str(IPv4Address(0))], ["233.252.0.1"], ["not-an-ip"], []])
 def test_published_addresses_must_be_dialable(bad: list[str], no_network: None) -> None:
-    # The check start() runs on bind_addresses, called alone: a pure function, so the wildcard
-    # and the multicast group are only parsed and refused, never handed to zeroconf.
+    # The check start() runs on bind_addresses, called alone: a pure function, so the
+    # unspecified address and a multicast group (MCAST-TEST-NET, RFC 5771, for documentation)
+    # are only parsed and refused, never handed to zeroconf.
     from ipaddress import IPv4Interface
 
     from meshmq.discovery._mdns import _check_bind

