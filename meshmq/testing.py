@@ -3,7 +3,7 @@
 ``Collector`` is a handler that records messages and lets a test wait for them; ``wait_until``
 polls a predicate with a timeout; ``RawPeer`` is a plain-pyzmq peer that speaks the wire protocol
 (or deliberately does not) so tests can send hand-made frames; ``Script`` runs a process and
-waits for lines on its output.
+waits for lines on its output; ``Overlap`` counts how many handlers run at once.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from meshmq._envelope import CtlKind, PubEncoder, decode_ctl, encode_ctl
 from meshmq._errors import MeshTimeout
 from meshmq._message import Message
 
-__all__ = ["Collector", "RawPeer", "Script", "wait_until"]
+__all__ = ["Collector", "Overlap", "RawPeer", "Script", "wait_until"]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.005,
@@ -38,6 +38,29 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, interval: flo
         if time.monotonic() >= deadline:
             raise MeshTimeout(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+class Overlap:
+    """How many threads are inside ``with overlap:`` at once: ``now``, and ``most`` ever.
+
+    Wrap a handler's body in it to check a concurrency bound (``most`` never above it) and
+    that the bound was reached (``most`` equal to it).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+
+    def __enter__(self) -> Overlap:
+        with self._lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.now -= 1
 
 
 class Collector:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from meshmq import Backpressure, MeshTimeout, Message, Node
-from meshmq.testing import Collector, wait_until
+from meshmq.testing import Collector, Overlap, wait_until
 
 
 def test_fair_dispatch_favours_the_fast_worker(make_node: Callable[..., Node]) -> None:
@@ -170,25 +170,18 @@ def test_blocking_handlers_run_concurrency_at_once_and_never_more(
     vent = make_node("vent")
     worker = vent if local else make_node("w", peers=[vent.address])
     barrier = threading.Barrier(6, timeout=5)
-    lock = threading.Lock()
-    running = [0, 0]   # now, most ever
+    overlap = Overlap()
 
     @worker.worker("wave", concurrency=6, max_attempts=1)
     def work(msg: Message) -> None:
-        with lock:
-            running[0] += 1
-            running[1] = max(running)
-        try:
+        with overlap:
             barrier.wait()
-        finally:
-            with lock:
-                running[0] -= 1
 
     vent.wait_for_workers("wave")
     for i in range(30):   # five waves of six
         vent.push("wave", i)
     vent.wait_for_tasks("wave", timeout=20)
-    assert running[1] == 6
+    assert overlap.most == 6
     assert vent.stats()["deadlettered"] == 0 and not barrier.broken
     assert worker.stats()["tasks_worked"] == 30
 

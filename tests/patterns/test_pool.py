@@ -9,7 +9,7 @@ from typing import Any
 
 from meshmq.patterns._pool import Pool
 
-from meshmq.testing import wait_until
+from meshmq.testing import Overlap, wait_until
 
 
 def _no_loop() -> asyncio.AbstractEventLoop:
@@ -17,17 +17,12 @@ def _no_loop() -> asyncio.AbstractEventLoop:
 
 
 def test_jobs_run_at_most_concurrency_at_once_and_all_finish() -> None:
-    lock = threading.Lock()
-    running = [0, 0]   # now, most at once
+    overlap = Overlap()
     outcomes: list[tuple[bool, Any]] = []
 
     def handler(i: int) -> int:
-        with lock:
-            running[0] += 1
-            running[1] = max(running[1], running[0])
-        time.sleep(0.01)
-        with lock:
-            running[0] -= 1
+        with overlap:
+            time.sleep(0.01)
         if i == 3:
             raise ValueError("three")
         return i * 2
@@ -39,7 +34,7 @@ def test_jobs_run_at_most_concurrency_at_once_and_all_finish() -> None:
         wait_until(lambda: len(outcomes) == 30, 10, what="30 outcomes")
     finally:
         pool.close(5.0)
-    assert running[1] == 3  # all three workers were used, never more
+    assert overlap.most == 3  # all three workers were used, never more
     assert sorted(v for ok, v in outcomes if ok) == [i * 2 for i in range(30) if i != 3]
     assert [type(v).__name__ for ok, v in outcomes if not ok] == ["ValueError"]
     assert pool.errors == 1 and pool.done == 30

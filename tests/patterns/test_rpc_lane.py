@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from meshmq import MeshTimeout, Node, PeerGone, RemoteError
-from meshmq.testing import wait_until
+from meshmq.testing import Overlap, wait_until
 
 
 def _lane_ready(client: Node, service: str, echo: Any = 0) -> None:
@@ -131,18 +131,13 @@ def test_a_slow_handler_does_not_hold_up_calls_behind_it(make_node: Callable[...
 def test_concurrency_bounds_handlers_on_the_lane(make_node: Callable[..., Node]) -> None:
     client = make_node("client")
     server = make_node("server", peers=[client.address])
-    lock = threading.Lock()
-    running = [0, 0]   # now, most at once
+    overlap = Overlap()
     work = threading.Event()   # never set: each call works for 20 ms
 
     @server.rpc("bounded", concurrency=2)
     def bounded(i: int) -> int:
-        with lock:
-            running[0] += 1
-            running[1] = max(running[1], running[0])
-        work.wait(0.02)
-        with lock:
-            running[0] -= 1
+        with overlap:
+            work.wait(0.02)
         return i
 
     client.wait_for_servers("bounded", timeout=5)
@@ -158,7 +153,7 @@ def test_concurrency_bounds_handlers_on_the_lane(make_node: Callable[..., Node])
     for t in threads:
         t.join(30)
     assert sorted(out) == sorted(10 * k + i for k in range(6) for i in range(5))
-    assert running[1] == 2
+    assert overlap.most == 2
     assert server.stats()["calls_served_lane"] > 0
 
 
