@@ -6,9 +6,9 @@ machine each costs about 60 us, as much as a whole raw REQ/REP round trip (bench
 The lane removes all four:
 
 - A node that serves RPC binds one more ROUTER, advertised in its offer as ``eps["rpc"]``.
-  Its reader threads take turns (leader/followers): one polls the socket; when a call comes in
-  for a sync handler with a free worker, it hands the polling over to the next thread and runs
-  the handler itself, then sends the reply. Other calls (async handlers, busy pools) go to the
+  One thread reads it; when a call comes in for a sync handler with a free worker, it runs the
+  handler itself, sends the reply and reads on, while a standby takes over the reading if the
+  handler runs long (LaneServer). Other calls (async handlers, busy pools) go to the
   service's Pool as on the control path.
 - A thread that makes a sync call sends it on a DEALER of its own connected to that ROUTER, and
   reads the reply off it itself. Anything that settles the call another way (the server left,
@@ -36,10 +36,9 @@ import zmq
 from meshmq import _zmqio as zio
 
 if TYPE_CHECKING:
-
     from meshmq._node import Node
 
-__all__ = ["HAVE_LANE", "LaneCaller", "LaneCallers", "LaneServer", "wake"]
+__all__ = ["HAVE_LANE", "LaneCaller", "LaneCallers", "LaneServer"]
 
 log = logging.getLogger("meshmq")
 

@@ -129,23 +129,33 @@ class Pool:
                     ) -> Outcome:
         """Run one job on this thread in ``w``'s place, give ``w`` back (or its backlog), and
         return the outcome: (True, result) or (False, the exception)."""
-        clock = time.perf_counter
-        t0 = clock()
+        outcome = self._run(args, kwargs)
+        self.done += 1
+        job = self._next(w)
+        if job is not None:
+            w.job = job
+            w.wake.release()   # jobs queued meanwhile: the parked worker takes them on
+        return outcome
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Outcome:
+        """Call the handler on this thread, timed (``busy``): (True, result) or (False, exc)."""
+        t0 = time.perf_counter()
         outcome: Outcome
         try:
             outcome = (True, self.fn(*args, **kwargs))
         except Exception as exc:  # noqa: BLE001 - a handler's failure is data
             self.errors += 1
             outcome = (False, exc)
-        self.busy += clock() - t0
-        self.done += 1
-        with self._mutex:
-            if not self._backlog:
-                self._idle.append(w)
-                return outcome
-            w.job = self._backlog.popleft()
-        w.wake.release()   # jobs queued meanwhile: the parked worker takes them on
+        self.busy += time.perf_counter() - t0
         return outcome
+
+    def _next(self, w: _Worker) -> Any:
+        """The next backlog job for ``w``, or None after putting ``w`` back among the idle."""
+        with self._mutex:
+            if self._backlog:
+                return self._backlog.popleft()
+            self._idle.append(w)
+            return None
 
     def _expire(self, done: Callable[[bool, Any], None]) -> None:
         self.expired += 1
@@ -160,33 +170,18 @@ class Pool:
             log.exception("reporting the outcome of %s failed", self.label)
 
     def _work(self, w: _Worker) -> None:
-        fn, mutex, idle, backlog = self.fn, self._mutex, self._idle, self._backlog
-        clock = time.perf_counter
         while True:
             w.wake.acquire()
             job, w.job = w.job, None
-            while job is not _STOP:
+            while job is not None:
+                if job is _STOP:
+                    return
                 args, kwargs, done, expires = job
                 if expires is not None and time.monotonic() > expires:
                     self._expire(done)
                 else:
-                    t0 = clock()
-                    try:
-                        result = fn(*args, **kwargs)
-                    except Exception as exc:  # noqa: BLE001 - a handler's failure is data
-                        self.busy += clock() - t0
-                        self.errors += 1
-                        self._finish(done, False, exc)
-                    else:
-                        self.busy += clock() - t0
-                        self._finish(done, True, result)
-                with mutex:
-                    if not backlog:
-                        idle.append(w)
-                        break
-                    job = backlog.popleft()
-            else:
-                return
+                    self._finish(done, *self._run(args, kwargs))
+                job = self._next(w)
 
     def _spawn(self, args: tuple[Any, ...], kwargs: dict[str, Any],
                done: Callable[[bool, Any], None], expires: float | None = None) -> None:

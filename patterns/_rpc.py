@@ -408,25 +408,42 @@ class Rpc:
                                               str(err.get("traceback", ""))))
 
     # ---- the server's side ------------------------------------------------------------------------
+    def _call_fields(self, fields: dict[str, Any]) -> tuple[str, str, bytes] | None:
+        """A call's id, service and arguments; None (counted malformed) if any is bad."""
+        cid, svc, payload = fields.get("id"), fields.get("svc"), fields.get("a")
+        if type(cid) is not str or type(svc) is not str or type(payload) is not bytes:
+            engine = self.node.engine
+            if engine is not None:
+                engine.malformed += 1
+            return None
+        return cid, svc, payload
+
+    @staticmethod
+    def _expires(fields: dict[str, Any]) -> float | None:
+        """When a call's caller gives up (its ttl from now): a call still waiting for a
+        worker then is not run."""
+        ttl = fields.get("ttl")
+        if (type(ttl) is float or type(ttl) is int) and ttl >= 0:
+            return time.monotonic() + ttl
+        return None
+
+    @staticmethod
+    def _reply_payload(cid: str, ok: bool, value: Any) -> bytes:
+        return pack([PROTO, "reply", {"id": cid, "ok": ok, ("r" if ok else "e"): value}])
+
     def _serve(self, fields: dict[str, Any], peer_id: str) -> None:
         engine = self.node.engine
         assert engine is not None
-        cid, svc, payload = fields.get("id"), fields.get("svc"), fields.get("a")
-        if type(cid) is not str or type(svc) is not str or type(payload) is not bytes:
-            engine.malformed += 1
+        call = self._call_fields(fields)
+        if call is None:
             return
-        ttl = fields.get("ttl")
-        # The caller gives up after ttl: a call still waiting for a worker then is not run.
-        expires = None
-        if (type(ttl) is float or type(ttl) is int) and ttl >= 0:
-            expires = time.monotonic() + ttl
+        cid, svc, payload = call
 
         def reply(ok: bool, value: Any) -> None:
             # straight from the pool thread: the engine's control sockets are thread-safe
-            engine.send_payload(peer_id, pack([PROTO, "reply", {
-                "id": cid, "ok": ok, ("r" if ok else "e"): value}]))
+            engine.send_payload(peer_id, self._reply_payload(cid, ok, value))
 
-        self._serve_local(svc, payload, reply, expires)
+        self._serve_local(svc, payload, reply, self._expires(fields))
 
     def _serve_lane(self, lane: LaneServer, ident: bytes, frame: bytes
                     ) -> tuple[Any, ...] | None:
@@ -437,17 +454,13 @@ class Rpc:
             kind, fields = decode_ctl(frame)
         except (DecodeError, ProtocolVersionError):
             kind, fields = "", {}
-        cid, svc, payload = fields.get("id"), fields.get("svc"), fields.get("a")
-        if kind != "call" or type(cid) is not str or type(svc) is not str \
-                or type(payload) is not bytes:
-            engine = self.node.engine
-            if engine is not None:
-                engine.malformed += 1
+        fields_ok = self._call_fields(fields if kind == "call" else {})
+        if fields_ok is None:
             return None
+        cid, svc, payload = fields_ok
 
         def reply(ok: bool, value: Any) -> None:
-            lane.reply(ident, pack([PROTO, "reply", {"id": cid, "ok": ok,
-                                                     ("r" if ok else "e"): value}]))
+            lane.reply(ident, self._reply_payload(cid, ok, value))
 
         pool = self.services.get(svc)
         call = self._decode_call(svc, pool, payload, reply)
@@ -457,11 +470,7 @@ class Rpc:
         worker = pool.claim()
         if worker is not None:
             return pool, worker, call[0], call[1], reply
-        ttl = fields.get("ttl")
-        expires = None
-        if (type(ttl) is float or type(ttl) is int) and ttl >= 0:
-            expires = time.monotonic() + ttl
-        pool.submit(call[0], call[1], self._done(reply), expires)
+        pool.submit(call[0], call[1], self._done(reply), self._expires(fields))
         return None
 
     def _run_lane(self, job: tuple[Any, ...]) -> None:
